@@ -1,0 +1,427 @@
+//! Typed configuration from `LEADFLOW_*` environment variables, validated at start-up.
+//!
+//! Every field has a default in code; an invalid value is an error naming the variable. Secrets (database and
+//! broker URLs carry passwords) are wrapped in [`SecretString`] so they never reach a log line.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use secrecy::{ExposeSecret, SecretString};
+
+use crate::domain::{parse_delay, EmailAddress};
+
+/// A configuration value that could not be used, naming the variable that holds it.
+#[derive(Debug, thiserror::Error)]
+#[error("{var}: {reason}")]
+pub struct ConfigError {
+    pub var: String,
+    pub reason: String,
+}
+
+/// Where configuration values come from: the process environment, or a map in tests.
+#[derive(Debug, Clone, Default)]
+pub struct Source {
+    values: HashMap<String, String>,
+}
+
+impl Source {
+    /// Every `LEADFLOW_*` variable of the current process.
+    pub fn from_env() -> Self {
+        Self {
+            values: std::env::vars().filter(|(k, _)| k.starts_with("LEADFLOW_")).collect(),
+        }
+    }
+
+    pub fn from_pairs<K: Into<String>, V: Into<String>>(pairs: impl IntoIterator<Item = (K, V)>) -> Self {
+        Self {
+            values: pairs.into_iter().map(|(k, v)| (k.into(), v.into())).collect(),
+        }
+    }
+
+    pub fn set(&mut self, key: impl Into<String>, value: impl Into<String>) {
+        self.values.insert(key.into(), value.into());
+    }
+
+    fn get(&self, var: &str) -> Option<&str> {
+        self.values.get(var).map(|v| v.trim()).filter(|v| !v.is_empty())
+    }
+
+    fn string(&self, var: &str, default: &str) -> String {
+        self.get(var).unwrap_or(default).to_string()
+    }
+
+    fn parse<T: std::str::FromStr>(&self, var: &str, default: T) -> Result<T, ConfigError>
+    where
+        T::Err: std::fmt::Display,
+    {
+        match self.get(var) {
+            None => Ok(default),
+            Some(raw) => raw.parse().map_err(|e: T::Err| ConfigError {
+                var: var.to_string(),
+                reason: format!("cannot parse {raw:?}: {e}"),
+            }),
+        }
+    }
+
+    fn duration(&self, var: &str, default: Duration) -> Result<Duration, ConfigError> {
+        match self.get(var) {
+            None => Ok(default),
+            Some(raw) => parse_delay(raw).map_err(|e| ConfigError {
+                var: var.to_string(),
+                reason: e.to_string(),
+            }),
+        }
+    }
+
+    fn positive(&self, var: &str, default: usize) -> Result<usize, ConfigError> {
+        let value: usize = self.parse(var, default)?;
+        if value == 0 {
+            return Err(ConfigError {
+                var: var.to_string(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(value)
+    }
+}
+
+/// The whole configuration of a leadflow process; each service reads the parts it needs.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub database: DatabaseConfig,
+    pub amqp: AmqpConfig,
+    pub smtp: SmtpConfig,
+    pub http: HttpConfig,
+    pub scheduler: SchedulerConfig,
+    pub sender: SenderConfig,
+    pub log: LogConfig,
+}
+
+#[derive(Debug, Clone)]
+pub struct DatabaseConfig {
+    /// `LEADFLOW_DATABASE_URL`: the PostgreSQL system of record.
+    pub url: SecretString,
+    /// `LEADFLOW_DATABASE_POOL_SIZE`: connections per process.
+    pub pool_size: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueType {
+    /// Classic queues (version 2): a single RabbitMQ node, a laptop, CI.
+    Classic,
+    /// Quorum queues: a replicated RabbitMQ cluster in production.
+    Quorum,
+}
+
+#[derive(Debug, Clone)]
+pub struct AmqpConfig {
+    /// `LEADFLOW_AMQP_URL`: the RabbitMQ broker carrying work between services.
+    pub url: SecretString,
+    /// `LEADFLOW_NAMESPACE`: prefix of every exchange and queue, so several installations share one vhost.
+    pub namespace: String,
+    /// `LEADFLOW_AMQP_PREFETCH`: unacknowledged deliveries a consumer holds at once.
+    pub prefetch: u16,
+    /// `LEADFLOW_AMQP_QUEUE_TYPE`: `classic` or `quorum`.
+    pub queue_type: QueueType,
+    /// `LEADFLOW_AMQP_QUEUE_EXPIRES`: delete queues unused for this long (test installations only).
+    pub queue_expires: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SmtpTarget {
+    /// `smtp://host:port` (plain, or STARTTLS when offered) or `smtps://host:port` (implicit TLS).
+    Relay {
+        host: String,
+        port: u16,
+        implicit_tls: bool,
+        user: Option<String>,
+        password: Option<String>,
+    },
+    /// `file:///dir`: each message written to the folder as an `.eml` file (a local outbox).
+    Outbox(PathBuf),
+}
+
+#[derive(Debug, Clone)]
+pub struct SmtpConfig {
+    /// `LEADFLOW_SMTP_URL`: where email goes.
+    pub target: SmtpTarget,
+    /// `LEADFLOW_FROM`: the From address of every follow-up.
+    pub from: EmailAddress,
+    /// `LEADFLOW_FROM_NAME`: the display name beside it.
+    pub from_name: String,
+    /// `LEADFLOW_SMTP_TIMEOUT`: a reply slower than this is a transient failure.
+    pub timeout: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct HttpConfig {
+    /// `LEADFLOW_HTTP_ADDR`: where the HTTP API (ingest) and `/metrics`, `/healthz`, `/readyz` listen.
+    pub addr: SocketAddr,
+    /// `LEADFLOW_MAX_BODY_BYTES`: the largest request body accepted.
+    pub max_body_bytes: usize,
+    /// `LEADFLOW_MAX_BATCH`: the most events in one batch request.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Clone)]
+pub struct SchedulerConfig {
+    /// `LEADFLOW_SCHEDULER_TICK`: how often due deliveries are claimed.
+    pub tick: Duration,
+    /// `LEADFLOW_SCHEDULER_BATCH`: deliveries claimed per transaction.
+    pub batch: usize,
+    /// `LEADFLOW_LEASE`: a delivery queued or rendered this long without progress is handed out again.
+    pub lease: Duration,
+    /// `LEADFLOW_SWEEP_AFTER`: an accepted event not handed to the scheduler after this long is handed again.
+    pub sweep_after: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct SenderConfig {
+    /// `LEADFLOW_SENDER_CONCURRENCY`: SMTP transactions in flight per process.
+    pub concurrency: usize,
+    /// `LEADFLOW_SENDER_MAX_ATTEMPTS`: attempts before a transient failure becomes final.
+    pub max_attempts: i32,
+    /// `LEADFLOW_RETRY_BASE`: first retry delay; each further attempt doubles it.
+    pub retry_base: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Pretty,
+}
+
+#[derive(Debug, Clone)]
+pub struct LogConfig {
+    /// `LEADFLOW_LOG_FORMAT`: `json` (production) or `pretty` (a terminal).
+    pub format: LogFormat,
+    /// `LEADFLOW_LOG`: a tracing filter, e.g. `info` or `leadflow_sender=debug`.
+    pub filter: String,
+}
+
+impl Config {
+    /// Reads and validates every variable; the first invalid one is the error.
+    pub fn load(src: &Source) -> Result<Self, ConfigError> {
+        let database = DatabaseConfig {
+            url: SecretString::from(src.string("LEADFLOW_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/leadflow")),
+            pool_size: src.positive("LEADFLOW_DATABASE_POOL_SIZE", 16)?,
+        };
+        validate_url("LEADFLOW_DATABASE_URL", database.url.expose_secret(), &["postgres", "postgresql"])?;
+
+        let amqp = AmqpConfig {
+            url: SecretString::from(src.string("LEADFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
+            namespace: src.string("LEADFLOW_NAMESPACE", "leadflow"),
+            prefetch: src.parse("LEADFLOW_AMQP_PREFETCH", 64u16)?,
+            queue_type: match src.string("LEADFLOW_AMQP_QUEUE_TYPE", "classic").as_str() {
+                "classic" => QueueType::Classic,
+                "quorum" => QueueType::Quorum,
+                other => {
+                    return Err(ConfigError {
+                        var: "LEADFLOW_AMQP_QUEUE_TYPE".into(),
+                        reason: format!("expected classic or quorum, got {other:?}"),
+                    })
+                }
+            },
+            queue_expires: match src.get("LEADFLOW_AMQP_QUEUE_EXPIRES") {
+                None => None,
+                Some(_) => Some(src.duration("LEADFLOW_AMQP_QUEUE_EXPIRES", Duration::ZERO)?),
+            },
+        };
+        validate_url("LEADFLOW_AMQP_URL", amqp.url.expose_secret(), &["amqp", "amqps"])?;
+        if amqp.prefetch == 0 {
+            return Err(ConfigError {
+                var: "LEADFLOW_AMQP_PREFETCH".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if amqp.namespace.is_empty()
+            || !amqp
+                .namespace
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+        {
+            return Err(ConfigError {
+                var: "LEADFLOW_NAMESPACE".into(),
+                reason: "use letters, digits, '-', '_' and '.' only".into(),
+            });
+        }
+
+        let smtp = SmtpConfig {
+            target: parse_smtp_url(&src.string("LEADFLOW_SMTP_URL", "file://./outbox"))?,
+            from: EmailAddress::parse(&src.string("LEADFLOW_FROM", "followup@leadflow.localhost")).map_err(|e| {
+                ConfigError {
+                    var: "LEADFLOW_FROM".into(),
+                    reason: e.to_string(),
+                }
+            })?,
+            from_name: src.string("LEADFLOW_FROM_NAME", "leadflow"),
+            timeout: src.duration("LEADFLOW_SMTP_TIMEOUT", Duration::from_secs(30))?,
+        };
+
+        let http = HttpConfig {
+            addr: src.parse("LEADFLOW_HTTP_ADDR", SocketAddr::from(([127, 0, 0, 1], 8080)))?,
+            max_body_bytes: src.positive("LEADFLOW_MAX_BODY_BYTES", 1024 * 1024)?,
+            max_batch: src.positive("LEADFLOW_MAX_BATCH", 500)?,
+        };
+
+        let scheduler = SchedulerConfig {
+            tick: src.duration("LEADFLOW_SCHEDULER_TICK", Duration::from_secs(1))?,
+            batch: src.positive("LEADFLOW_SCHEDULER_BATCH", 200)?,
+            lease: src.duration("LEADFLOW_LEASE", Duration::from_secs(600))?,
+            sweep_after: src.duration("LEADFLOW_SWEEP_AFTER", Duration::from_secs(60))?,
+        };
+        if scheduler.tick.is_zero() {
+            return Err(ConfigError {
+                var: "LEADFLOW_SCHEDULER_TICK".into(),
+                reason: "must be longer than zero".into(),
+            });
+        }
+
+        let sender = SenderConfig {
+            concurrency: src.positive("LEADFLOW_SENDER_CONCURRENCY", 16)?,
+            max_attempts: src.parse("LEADFLOW_SENDER_MAX_ATTEMPTS", 5i32)?.max(1),
+            retry_base: src.duration("LEADFLOW_RETRY_BASE", Duration::from_secs(30))?,
+        };
+
+        let log = LogConfig {
+            format: match src.string("LEADFLOW_LOG_FORMAT", "json").as_str() {
+                "json" => LogFormat::Json,
+                "pretty" => LogFormat::Pretty,
+                other => {
+                    return Err(ConfigError {
+                        var: "LEADFLOW_LOG_FORMAT".into(),
+                        reason: format!("expected json or pretty, got {other:?}"),
+                    })
+                }
+            },
+            filter: src.string("LEADFLOW_LOG", "info"),
+        };
+
+        Ok(Self {
+            database,
+            amqp,
+            smtp,
+            http,
+            scheduler,
+            sender,
+            log,
+        })
+    }
+}
+
+fn validate_url(var: &str, raw: &str, schemes: &[&str]) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw).map_err(|e| ConfigError {
+        var: var.into(),
+        reason: format!("not a URL: {e}"),
+    })?;
+    if !schemes.contains(&url.scheme()) {
+        return Err(ConfigError {
+            var: var.into(),
+            reason: format!("scheme must be one of {}", schemes.join(", ")),
+        });
+    }
+    Ok(())
+}
+
+/// Parses `smtp://[user:pass@]host:port`, `smtps://host:port` or `file:///dir` (`file://./dir` is relative).
+pub fn parse_smtp_url(raw: &str) -> Result<SmtpTarget, ConfigError> {
+    let err = |reason: String| ConfigError {
+        var: "LEADFLOW_SMTP_URL".into(),
+        reason,
+    };
+    if let Some(path) = raw.strip_prefix("file://") {
+        if path.is_empty() {
+            return Err(err("file:// needs a folder, e.g. file:///var/lib/leadflow/outbox".into()));
+        }
+        return Ok(SmtpTarget::Outbox(PathBuf::from(path)));
+    }
+    let url = url::Url::parse(raw).map_err(|e| err(format!("not a URL: {e}")))?;
+    let implicit_tls = match url.scheme() {
+        "smtp" => false,
+        "smtps" => true,
+        other => return Err(err(format!("scheme must be smtp, smtps or file, got {other:?}"))),
+    };
+    let host = url
+        .host_str()
+        .filter(|h| !h.is_empty())
+        .ok_or_else(|| err("missing host".into()))?;
+    let port = url.port().unwrap_or(if implicit_tls { 465 } else { 25 });
+    let user = (!url.username().is_empty()).then(|| decode(url.username()));
+    let password = url.password().map(decode);
+    Ok(SmtpTarget::Relay {
+        host: host.trim_start_matches('[').trim_end_matches(']').to_string(),
+        port,
+        implicit_tls,
+        user,
+        password,
+    })
+}
+
+fn decode(s: &str) -> String {
+    url::form_urlencoded::parse(format!("x={s}").as_bytes())
+        .next()
+        .map(|(_, v)| v.into_owned())
+        .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let config = Config::load(&Source::default()).expect("defaults load");
+        assert_eq!(config.amqp.namespace, "leadflow");
+        assert_eq!(config.smtp.target, SmtpTarget::Outbox(PathBuf::from("./outbox")));
+    }
+
+    #[test]
+    fn an_invalid_value_names_its_variable() {
+        let src = Source::from_pairs([("LEADFLOW_SENDER_CONCURRENCY", "lots")]);
+        let err = Config::load(&src).unwrap_err();
+        assert_eq!(err.var, "LEADFLOW_SENDER_CONCURRENCY");
+
+        let src = Source::from_pairs([("LEADFLOW_DATABASE_URL", "mysql://x")]);
+        assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_DATABASE_URL");
+
+        let src = Source::from_pairs([("LEADFLOW_SCHEDULER_TICK", "soon")]);
+        assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_SCHEDULER_TICK");
+    }
+
+    #[test]
+    fn smtp_urls_parse() {
+        assert_eq!(
+            parse_smtp_url("smtp://mail.example.com:2525").unwrap(),
+            SmtpTarget::Relay {
+                host: "mail.example.com".into(),
+                port: 2525,
+                implicit_tls: false,
+                user: None,
+                password: None
+            }
+        );
+        match parse_smtp_url("smtps://ann:p%40ss@relay.example.com").unwrap() {
+            SmtpTarget::Relay {
+                port,
+                implicit_tls,
+                user,
+                password,
+                ..
+            } => {
+                assert_eq!(port, 465);
+                assert!(implicit_tls);
+                assert_eq!(user.as_deref(), Some("ann"));
+                assert_eq!(password.as_deref(), Some("p@ss"));
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+        assert_eq!(
+            parse_smtp_url("file:///var/outbox").unwrap(),
+            SmtpTarget::Outbox("/var/outbox".into())
+        );
+        assert!(parse_smtp_url("http://x").is_err());
+        assert!(parse_smtp_url("file://").is_err());
+    }
+}

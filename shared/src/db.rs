@@ -1,0 +1,113 @@
+//! PostgreSQL: the connection pool and the numbered SQL migrations.
+
+use std::str::FromStr;
+
+use anyhow::Context as _;
+use deadpool_postgres::{Manager, ManagerConfig, Pool, RecyclingMethod};
+use secrecy::ExposeSecret;
+use tokio_postgres::NoTls;
+
+use crate::config::DatabaseConfig;
+
+/// Schema changes in order; a migration is never edited once released, a new one is added.
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "pipeline", include_str!("../migrations/0001_pipeline.sql"))];
+
+/// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.
+const MIGRATION_LOCK: i64 = 0x6c65_6164_666c_6f77; // "leadflow"
+
+pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
+    let pg = tokio_postgres::Config::from_str(config.url.expose_secret())
+        .context("LEADFLOW_DATABASE_URL: not a valid PostgreSQL connection string")?;
+    let manager = Manager::from_config(
+        pg,
+        NoTls,
+        ManagerConfig {
+            // A cheap check is enough: a broken connection fails its next query and is dropped.
+            recycling_method: RecyclingMethod::Fast,
+        },
+    );
+    Pool::builder(manager)
+        .max_size(config.pool_size)
+        .build()
+        .context("failed to build the PostgreSQL pool")
+}
+
+/// Applies every migration not yet applied, each in its own transaction; safe to run from several processes.
+pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
+    let mut client = pool.get().await.context("failed to connect to PostgreSQL")?;
+    client
+        .batch_execute(
+            "CREATE TABLE IF NOT EXISTS schema_migrations (
+                 version INTEGER PRIMARY KEY,
+                 name TEXT NOT NULL,
+                 applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",
+        )
+        .await
+        .or_else(|e| {
+            // Two first runs racing on CREATE TABLE IF NOT EXISTS: the loser sees a unique violation.
+            if e.code() == Some(&tokio_postgres::error::SqlState::UNIQUE_VIOLATION) {
+                Ok(())
+            } else {
+                Err(e)
+            }
+        })
+        .context("failed to create schema_migrations")?;
+    client
+        .execute("SELECT pg_advisory_lock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("failed to take the migration lock")?;
+    let result = apply_pending(&mut client).await;
+    client
+        .execute("SELECT pg_advisory_unlock($1)", &[&MIGRATION_LOCK])
+        .await
+        .context("failed to release the migration lock")?;
+    result
+}
+
+async fn apply_pending(client: &mut deadpool_postgres::Client) -> anyhow::Result<Vec<i32>> {
+    let applied: Vec<i32> = client
+        .query("SELECT version FROM schema_migrations", &[])
+        .await?
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let mut done = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        if applied.contains(version) {
+            continue;
+        }
+        let tx = client.transaction().await?;
+        tx.batch_execute(sql)
+            .await
+            .with_context(|| format!("migration {version:04}_{name} failed"))?;
+        tx.execute(
+            "INSERT INTO schema_migrations (version, name) VALUES ($1, $2)",
+            &[version, name],
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::info!(migration = version, name, "applied migration");
+        done.push(*version);
+    }
+    Ok(done)
+}
+
+/// Fails with a clear message when the database has not been migrated to this build's schema.
+pub async fn check_schema(pool: &Pool) -> anyhow::Result<()> {
+    let client = pool.get().await.context("failed to connect to PostgreSQL")?;
+    let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
+    let row = client
+        .query_one(
+            "SELECT coalesce(max(version), 0) FROM schema_migrations",
+            &[],
+        )
+        .await;
+    let current: i32 = match row {
+        Ok(row) => row.get(0),
+        Err(_) => 0,
+    };
+    if current < latest {
+        anyhow::bail!("the database schema is at version {current}, this build needs {latest}: run `leadflow migrate`");
+    }
+    Ok(())
+}

@@ -1,0 +1,11 @@
+//! The one library every leadflow service uses: domain types, configuration, database, AMQP topology, telemetry.
+
+pub mod amqp;
+pub mod config;
+pub mod db;
+pub mod domain;
+pub mod http;
+pub mod messages;
+pub mod service;
+pub mod telemetry;
+pub mod topology;
