@@ -10,6 +10,8 @@ CREATE TABLE leads (
     language    TEXT,                            -- BCP 47
     timezone    TEXT,                            -- IANA
     attributes  JSONB NOT NULL DEFAULT '{}',
+    suppressed_reason TEXT,                      -- unsubscribed | bounced | complained: never enrolled or mailed
+    suppressed_at     TIMESTAMPTZ,
     created_at  TIMESTAMPTZ NOT NULL DEFAULT now(),
     updated_at  TIMESTAMPTZ NOT NULL DEFAULT now()
 );

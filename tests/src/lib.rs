@@ -1,1 +1,7 @@
-//! placeholder
+//! End-to-end test support: a per-test pipeline ([`harness::TestApp`]) and a capturing SMTP server ([`smtp`]).
+
+pub mod harness;
+pub mod smtp;
+
+pub use harness::{event, wait_until, DeliveryRow, ServiceProcess, TestApp, TestAppBuilder, DEADLINE};
+pub use smtp::{Captured, Rule, SmtpServer, Stage};

@@ -1,5 +1,9 @@
 //! The `leadflow` command as a library: start any set of services in one process; migrate; apply; demo.
 
+pub mod apply;
+pub mod cli;
+mod demo;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 

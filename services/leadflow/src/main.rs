@@ -1,1 +1,5 @@
-fn main() {}
+//! The `leadflow` binary.
+
+fn main() -> std::process::ExitCode {
+    leadflow::cli::main()
+}

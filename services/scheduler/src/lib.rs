@@ -1,1 +1,19 @@
-//! placeholder
+//! scheduler: enrolls leads in matching campaigns, keeps each follow-up as a durable timer row, and hands due
+//! deliveries to the renderer. Several replicas run safely: claims use `FOR UPDATE SKIP LOCKED`.
+
+pub mod campaigns;
+pub mod consumer;
+pub mod stats;
+pub mod enroll;
+mod metrics;
+pub mod timer;
+
+use tokio_util::sync::CancellationToken;
+
+use leadflow_shared::service::{Context, Service};
+
+pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
+    Service::new("scheduler")
+        .task("consumer", consumer::run(ctx.clone(), shutdown.clone()))
+        .task("timer", timer::run(ctx.clone(), shutdown))
+}

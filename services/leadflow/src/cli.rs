@@ -1,0 +1,163 @@
+//! The command line: `leadflow run | migrate | apply | campaigns | stats | demo`.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use leadflow_shared::config::{Config, Source};
+use leadflow_shared::{db, service, telemetry};
+
+use crate::Component;
+
+#[derive(Parser)]
+#[command(name = "leadflow", version, about = "Lead nurturing: events in, timed follow-up emails out")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run services: all of them in one process (the default), or the ones named.
+    Run {
+        #[arg(value_enum)]
+        components: Vec<Component>,
+    },
+    /// Apply pending database migrations (run once per release, e.g. as a Kubernetes Job).
+    Migrate,
+    /// Apply campaigns (*.yaml) and template folders (<name>/<lang>/subject.hbs ...) from files.
+    Apply {
+        /// A campaign file, or a folder searched for campaign files and template folders.
+        #[arg(short = 'f', long = "file", required = true)]
+        paths: Vec<PathBuf>,
+    },
+    /// Campaigns in the database.
+    Campaigns {
+        #[command(subcommand)]
+        action: CampaignAction,
+    },
+    /// Follow-ups sent, cancelled and converted, and revenue, per campaign and step.
+    Stats {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Set up the demo data, run every service, send sample events, and show the emails that came out.
+    Demo {
+        /// Folder with campaigns, templates, events.json and conversion.json.
+        #[arg(long, default_value = "deploy/demo")]
+        dir: PathBuf,
+        /// Give up when the demo's emails are not final by then.
+        #[arg(long, default_value = "120s")]
+        timeout: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum CampaignAction {
+    /// List campaigns with their steps.
+    List,
+    /// Start enrolling leads in a campaign.
+    Activate { name: String },
+    /// Stop enrolling leads in a campaign; pending follow-ups are cancelled (reason: campaign stopped).
+    Deactivate { name: String },
+}
+
+/// Runs the command line of the current process.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let config = match Config::load(&Source::from_env()) {
+        Ok(config) => config,
+        Err(e) => {
+            eprintln!("leadflow: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("leadflow: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(execute(cli.command, config)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("leadflow: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+    match command {
+        Command::Run { components } => {
+            telemetry::init_logging(&config.log);
+            let listener = TcpListener::bind(config.http.addr)
+                .await
+                .with_context(|| format!("LEADFLOW_HTTP_ADDR: cannot listen on {}", config.http.addr))?;
+            let shutdown = CancellationToken::new();
+            service::shutdown_on_signals(shutdown.clone());
+            let running = crate::start(config, &components, listener, shutdown).await?;
+            tracing::info!(addr = %running.addr, "listening");
+            running.wait().await
+        }
+        Command::Migrate => {
+            telemetry::init_logging(&config.log);
+            let pool = db::pool(&config.database)?;
+            let applied = db::migrate(&pool).await?;
+            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { format!("{applied:?}") });
+            Ok(())
+        }
+        Command::Apply { paths } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            for path in paths {
+                let report = crate::apply::apply_path(&pool, &path).await?;
+                print!("{report}");
+            }
+            Ok(())
+        }
+        Command::Campaigns { action } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            let client = pool.get().await?;
+            match action {
+                CampaignAction::List => {
+                    for c in leadflow_scheduler::campaigns::list(&client).await? {
+                        println!("{:<28} {:<9} {:<20} {}", c.name, c.status, c.lead_source, c.steps.join(" | "));
+                    }
+                }
+                CampaignAction::Activate { name } => {
+                    leadflow_scheduler::campaigns::set_status(&client, &name, true).await?;
+                    println!("campaign {name} active");
+                }
+                CampaignAction::Deactivate { name } => {
+                    let cancelled = leadflow_scheduler::campaigns::set_status(&client, &name, false).await?;
+                    println!("campaign {name} inactive; {cancelled} pending follow-ups cancelled");
+                }
+            }
+            Ok(())
+        }
+        Command::Stats { json } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            let client = pool.get().await?;
+            let rows = leadflow_scheduler::stats::campaign_stats(&client).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+            } else {
+                print!("{}", leadflow_scheduler::stats::table(&rows));
+            }
+            Ok(())
+        }
+        Command::Demo { dir, timeout } => {
+            let timeout = leadflow_shared::domain::parse_delay(&timeout).context("--timeout")?;
+            crate::demo::run(config, &dir, timeout).await
+        }
+    }
+}

@@ -1,0 +1,182 @@
+//! Durable timers: claiming due deliveries (SKIP LOCKED), publishing them with confirms, and repairing work
+//! that stalled (expired leases, events never handed over).
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio_util::sync::CancellationToken;
+
+use leadflow_shared::messages::WorkMessage;
+use leadflow_shared::service::Context;
+
+use crate::metrics;
+
+/// Ids per published message: one message carries a batch, so a due step costs one broker hop per batch.
+const IDS_PER_MESSAGE: usize = 100;
+
+/// What one tick did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Tick {
+    pub due: usize,
+    pub retries: usize,
+    pub requeued: usize,
+    pub uncertain: usize,
+    pub swept_events: usize,
+}
+
+impl Tick {
+    fn busy(&self) -> bool {
+        self.due > 0 || self.retries > 0
+    }
+}
+
+/// Runs ticks until shutdown; a full batch is followed at once by the next one.
+pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let tick = ctx.config.scheduler.tick;
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        let sweep = last_sweep.elapsed() >= sweep_interval(&ctx);
+        if sweep {
+            last_sweep = tokio::time::Instant::now();
+        }
+        let pause = match run_tick(&ctx, sweep).await {
+            Ok(done) if done.due >= ctx.config.scheduler.batch => Duration::ZERO,
+            Ok(done) => {
+                if done.busy() {
+                    tracing::debug!(?done, "tick");
+                }
+                tick
+            }
+            Err(e) => {
+                // The database or broker is away: keep trying; nothing is lost, the rows are still due.
+                tracing::warn!(error = format!("{e:#}"), "scheduler tick failed");
+                tick.max(Duration::from_secs(1))
+            }
+        };
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(pause) => {}
+        }
+    }
+}
+
+fn sweep_interval(ctx: &Context) -> Duration {
+    (ctx.config.scheduler.sweep_after / 2).max(Duration::from_secs(1))
+}
+
+/// One pass: due deliveries, due retries, lease expiry, and (when `sweep`) stray events.
+pub async fn run_tick(ctx: &Context, sweep: bool) -> anyhow::Result<Tick> {
+    let mut done = Tick {
+        due: publish_due(ctx).await.context("failed to publish due deliveries")?,
+        retries: publish_retries(ctx).await.context("failed to publish due retries")?,
+        ..Default::default()
+    };
+    if sweep {
+        let (requeued, uncertain) = expire_leases(ctx).await.context("failed to expire leases")?;
+        done.requeued = requeued;
+        done.uncertain = uncertain;
+        done.swept_events = sweep_events(ctx).await.context("failed to sweep events")?;
+    }
+    Ok(done)
+}
+
+/// Claims due pending deliveries, publishes them to the renderer, and commits only after the broker confirmed.
+/// A crash before the commit leaves the rows pending (claimed again later); after it, they are queued and the
+/// messages are in the broker. Either way no step is lost; a duplicate message finds the row no longer queued.
+pub async fn publish_due(ctx: &Context) -> anyhow::Result<usize> {
+    claim_and_publish(ctx, "pending", "queued", |ids| WorkMessage::DeliveriesDueV1 {
+        delivery_ids: ids,
+    })
+    .await
+}
+
+/// Deliveries whose transient SMTP failure has waited out its backoff go back to the sender.
+pub async fn publish_retries(ctx: &Context) -> anyhow::Result<usize> {
+    claim_and_publish(ctx, "retrying", "rendered", |ids| WorkMessage::EmailReadyV1 {
+        delivery_ids: ids,
+    })
+    .await
+}
+
+async fn claim_and_publish(
+    ctx: &Context,
+    from: &str,
+    to: &str,
+    message: impl Fn(Vec<i64>) -> WorkMessage,
+) -> anyhow::Result<usize> {
+    let mut client = ctx.pool.get().await?;
+    let tx = client.transaction().await?;
+    let limit = ctx.config.scheduler.batch as i64;
+    let rows = tx
+        .query(
+            "UPDATE deliveries SET state = $2, updated_at = now()
+             WHERE id IN (SELECT id FROM deliveries
+                          WHERE state = $1 AND due_at <= now()
+                          ORDER BY due_at LIMIT $3
+                          FOR UPDATE SKIP LOCKED)
+             RETURNING id",
+            &[&from, &to, &limit],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let messages: Vec<WorkMessage> = ids.chunks(IDS_PER_MESSAGE).map(|c| message(c.to_vec())).collect();
+    ctx.publisher.publish_all(&messages).await?;
+    tx.commit().await?;
+    metrics::published(to, ids.len());
+    Ok(ids.len())
+}
+
+/// Work handed out but not progressing for a whole lease: queued or rendered rows go back to pending (the
+/// message was lost or dead-lettered; rendering again is harmless). A row left `sending` may have reached the
+/// SMTP server: it becomes `uncertain`, counted and alerted, never resent blindly.
+pub async fn expire_leases(ctx: &Context) -> anyhow::Result<(usize, usize)> {
+    let client = ctx.pool.get().await?;
+    let lease = ctx.config.scheduler.lease.as_secs_f64();
+    let requeued = client
+        .execute(
+            "UPDATE deliveries SET state = 'pending', updated_at = now()
+             WHERE state IN ('queued', 'rendered') AND updated_at < now() - make_interval(secs => $1)",
+            &[&lease],
+        )
+        .await? as usize;
+    let uncertain = client
+        .execute(
+            "UPDATE deliveries SET state = 'uncertain', updated_at = now(),
+                    reason = 'the sender stopped during the SMTP transaction; not resent'
+             WHERE state = 'sending' AND updated_at < now() - make_interval(secs => $1)",
+            &[&lease],
+        )
+        .await? as usize;
+    if requeued > 0 {
+        tracing::warn!(count = requeued, "requeued deliveries whose lease expired");
+    }
+    metrics::lease_expired(requeued, uncertain);
+    Ok((requeued, uncertain))
+}
+
+/// Events stored but never handled (the hand-off publish failed) are handed to the scheduler again.
+pub async fn sweep_events(ctx: &Context) -> anyhow::Result<usize> {
+    let client = ctx.pool.get().await?;
+    let after = ctx.config.scheduler.sweep_after.as_secs_f64();
+    let rows = client
+        .query(
+            "SELECT id FROM events WHERE handled_at IS NULL AND received_at < now() - make_interval(secs => $1)
+             ORDER BY received_at LIMIT 1000",
+            &[&after],
+        )
+        .await?;
+    if rows.is_empty() {
+        return Ok(0);
+    }
+    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
+    let messages: Vec<WorkMessage> = ids
+        .chunks(IDS_PER_MESSAGE)
+        .map(|c| WorkMessage::EventAcceptedV1 { event_ids: c.to_vec() })
+        .collect();
+    ctx.publisher.publish_all(&messages).await?;
+    tracing::info!(count = ids.len(), "handed unhandled events to the scheduler again");
+    Ok(ids.len())
+}
