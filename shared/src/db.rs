@@ -10,7 +10,10 @@ use tokio_postgres::NoTls;
 use crate::config::DatabaseConfig;
 
 /// Schema changes in order; a migration is never edited once released, a new one is added.
-pub const MIGRATIONS: &[(i32, &str, &str)] = &[(1, "pipeline", include_str!("../migrations/0001_pipeline.sql"))];
+pub const MIGRATIONS: &[(i32, &str, &str)] = &[
+    (1, "pipeline", include_str!("../migrations/0001_pipeline.sql")),
+    (2, "campaigns", include_str!("../migrations/0002_campaigns.sql")),
+];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.
 const MIGRATION_LOCK: i64 = 0x6c65_6164_666c_6f77; // "leadflow"

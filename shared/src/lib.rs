@@ -7,5 +7,6 @@ pub mod domain;
 pub mod http;
 pub mod messages;
 pub mod service;
+pub mod settings;
 pub mod telemetry;
 pub mod topology;

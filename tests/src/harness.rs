@@ -34,11 +34,12 @@ use crate::smtp::SmtpServer;
 pub const DEADLINE: Duration = Duration::from_secs(25);
 
 /// The advisory lock key that serialises template creation across test processes ("lf-tmpl").
-const TEMPLATE_LOCK: i64 = 0x6c66_2d74_6d70_6c;
+const TEMPLATE_LOCK: i64 = 0x006c_662d_746d_706c;
 
 /// Where the test databases live: `LEADFLOW_TEST_DATABASE_URL` or the local server.
 fn database_base_url() -> url::Url {
-    let raw = std::env::var("LEADFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
+    let raw =
+        std::env::var("LEADFLOW_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432".into());
     url::Url::parse(&raw).unwrap_or_else(|e| panic!("LEADFLOW_TEST_DATABASE_URL is not a URL: {e}"))
 }
 
@@ -114,7 +115,9 @@ async fn create_template() -> anyhow::Result<String> {
     let admin = connect(&database_url("postgres")).await?;
     admin.execute("SELECT pg_advisory_lock($1)", &[&TEMPLATE_LOCK]).await?;
     let result = create_template_locked(&admin, &name).await;
-    admin.execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK]).await?;
+    admin
+        .execute("SELECT pg_advisory_unlock($1)", &[&TEMPLATE_LOCK])
+        .await?;
     result.map(|()| name)
 }
 
@@ -148,7 +151,9 @@ async fn create_template_locked(admin: &tokio_postgres::Client, name: &str) -> a
     admin
         .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&building)))
         .await?;
-    admin.batch_execute(&format!("CREATE DATABASE {}", ident(&building))).await?;
+    admin
+        .batch_execute(&format!("CREATE DATABASE {}", ident(&building)))
+        .await?;
     {
         let pool = db::pool(&DatabaseConfig {
             url: database_url(&building).into(),
@@ -160,7 +165,11 @@ async fn create_template_locked(admin: &tokio_postgres::Client, name: &str) -> a
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let renamed = admin
-            .batch_execute(&format!("ALTER DATABASE {} RENAME TO {}", ident(&building), ident(name)))
+            .batch_execute(&format!(
+                "ALTER DATABASE {} RENAME TO {}",
+                ident(&building),
+                ident(name)
+            ))
             .await;
         match renamed {
             Ok(()) => return Ok(()),
@@ -217,7 +226,11 @@ async fn delete_namespace(config: &AmqpConfig) {
                     .await;
             }
         }
-        for name in [topology.events_exchange(), topology.work_exchange(), topology.dead_exchange()] {
+        for name in [
+            topology.events_exchange(),
+            topology.work_exchange(),
+            topology.dead_exchange(),
+        ] {
             let _ = channel
                 .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
@@ -402,7 +415,11 @@ impl TestApp {
             .await
             .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL server: {e}"));
         admin
-            .batch_execute(&format!("CREATE DATABASE {} TEMPLATE {}", ident(&database), ident(&template)))
+            .batch_execute(&format!(
+                "CREATE DATABASE {} TEMPLATE {}",
+                ident(&database),
+                ident(&template)
+            ))
             .await
             .unwrap_or_else(|e| panic!("failed to create the test database from {template}: {e}"));
         drop(admin);
@@ -422,17 +439,29 @@ impl TestApp {
             ("LEADFLOW_SENDER_MAX_ATTEMPTS", "3".into()),
             ("LEADFLOW_LEASE", "10m".into()),
             ("LEADFLOW_LOG_FORMAT", "pretty".into()),
-            ("LEADFLOW_LOG", std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into())),
+            (
+                "LEADFLOW_LOG",
+                std::env::var("TEST_LOG").unwrap_or_else(|_| "off".into()),
+            ),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))
         .collect();
+        let builder_sets_tick = builder.env.iter().any(|(k, _)| k == "LEADFLOW_SCHEDULER_TICK");
         for (k, v) in builder.env {
             env.retain(|(key, _)| *key != k);
             env.push((k, v));
         }
-        let config = Config::load(&Source::from_pairs(env.clone()))
-            .unwrap_or_else(|e| panic!("the test configuration is invalid: {e}"));
+        let config = match Config::load(&Source::from_pairs(env.clone())) {
+            // A build whose delays have whole seconds only: tick every second instead.
+            Err(e) if e.var == "LEADFLOW_SCHEDULER_TICK" && !builder_sets_tick => {
+                env.retain(|(key, _)| key != "LEADFLOW_SCHEDULER_TICK");
+                env.push(("LEADFLOW_SCHEDULER_TICK".into(), "1s".into()));
+                Config::load(&Source::from_pairs(env.clone()))
+            }
+            loaded => loaded,
+        }
+        .unwrap_or_else(|e| panic!("the test configuration is invalid: {e}"));
         let cleanup = Cleanup {
             database: database.clone(),
             amqp: config.amqp.clone(),
@@ -631,7 +660,10 @@ impl TestApp {
                 return;
             }
             if Instant::now() >= deadline {
-                panic!("{} has {consumers} consumer(s) after {DEADLINE:?}, expected {n}", self.topology.queue(queue));
+                panic!(
+                    "{} has {consumers} consumer(s) after {DEADLINE:?}, expected {n}",
+                    self.topology.queue(queue)
+                );
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }

@@ -311,7 +311,10 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Cancellation
         let verb = line.split_whitespace().next().unwrap_or("").to_ascii_uppercase();
         let reply = match verb.as_str() {
             "EHLO" => {
-                format!("250-{HOSTNAME} greets {}\r\n250-8BITMIME\r\n250 SIZE {MAX_MESSAGE_BYTES}\r\n", argument(&line))
+                format!(
+                    "250-{HOSTNAME} greets {}\r\n250-8BITMIME\r\n250 SIZE {MAX_MESSAGE_BYTES}\r\n",
+                    argument(&line)
+                )
             }
             "HELO" => format!("250 {HOSTNAME}\r\n"),
             "MAIL" => match path_after(&line, "MAIL FROM:") {
@@ -353,8 +356,7 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Cancellation
                         data = read_data(&mut reader) => data,
                     };
                     let Some(data) = data else { return };
-                    let reply = finish_transaction(&state, mail_from.take(), std::mem::take(&mut rcpt_to), data);
-                    reply
+                    finish_transaction(&state, mail_from.take(), std::mem::take(&mut rcpt_to), data)
                 }
             }
             "RSET" => {
@@ -444,7 +446,9 @@ async fn read_data<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> Option<Result<
 
 /// What follows the command verb (the EHLO domain).
 fn argument(line: &str) -> &str {
-    line.split_once(char::is_whitespace).map(|(_, rest)| rest.trim()).unwrap_or("")
+    line.split_once(char::is_whitespace)
+        .map(|(_, rest)| rest.trim())
+        .unwrap_or("")
 }
 
 /// The `<path>` after `prefix` (case-insensitive), ignoring ESMTP parameters after it.
@@ -532,7 +536,10 @@ impl Captured {
     }
 
     fn part(&self, wanted: &str) -> Option<String> {
-        self.parts().into_iter().find(|p| p.media_type == wanted).map(|p| p.body)
+        self.parts()
+            .into_iter()
+            .find(|p| p.media_type == wanted)
+            .map(|p| p.body)
     }
 }
 
@@ -788,9 +795,15 @@ mod tests {
         expect(&mut reader, "220").await;
         write.write_all(b"EHLO client.test\r\n").await.expect("write");
         expect(&mut reader, "250").await;
-        write.write_all(b"MAIL FROM:<from@shop.test> BODY=8BITMIME\r\n").await.expect("write");
+        write
+            .write_all(b"MAIL FROM:<from@shop.test> BODY=8BITMIME\r\n")
+            .await
+            .expect("write");
         expect(&mut reader, "250").await;
-        write.write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes()).await.expect("write");
+        write
+            .write_all(format!("RCPT TO:<{rcpt}>\r\n").as_bytes())
+            .await
+            .expect("write");
         let mut line = String::new();
         reader.read_line(&mut line).await.expect("read");
         if !line.starts_with("250") {
@@ -820,7 +833,12 @@ mod tests {
     #[tokio::test]
     async fn a_message_is_captured_with_dots_unstuffed() {
         let server = SmtpServer::start().await;
-        let reply = conversation(&server, "ann@example.com", "Subject: hi\r\n\r\nline\r\n..\r\n..x\r\nend").await;
+        let reply = conversation(
+            &server,
+            "ann@example.com",
+            "Subject: hi\r\n\r\nline\r\n..\r\n..x\r\nend",
+        )
+        .await;
         assert!(reply.starts_with("250"), "{reply}");
         let messages = server.wait_for(1, Duration::from_secs(5)).await;
         assert_eq!(messages[0].mail_from, "from@shop.test");
@@ -835,11 +853,16 @@ mod tests {
         let server = SmtpServer::start().await;
         server.set_rule("grey@example.com", Rule::fail_first(1, 451, "4.7.1 try later"));
         server.set_rule("gone@example.com", Rule::always(550, "5.1.1 user unknown"));
-        assert!(conversation(&server, "grey@example.com", "x").await.starts_with("451 4.7.1"));
+        assert!(conversation(&server, "grey@example.com", "x")
+            .await
+            .starts_with("451 4.7.1"));
         assert!(conversation(&server, "grey@example.com", "x").await.starts_with("250"));
         assert!(conversation(&server, "gone@example.com", "x").await.starts_with("550"));
         assert!(conversation(&server, "gone@example.com", "x").await.starts_with("550"));
-        server.set_rule("late@example.com", Rule::fail_first(1, 452, "4.3.1 full").at(Stage::Data));
+        server.set_rule(
+            "late@example.com",
+            Rule::fail_first(1, 452, "4.3.1 full").at(Stage::Data),
+        );
         assert!(conversation(&server, "late@example.com", "x").await.starts_with("452"));
         assert!(conversation(&server, "late@example.com", "x").await.starts_with("250"));
         assert_eq!(server.attempts("grey@example.com"), 2);
@@ -856,7 +879,10 @@ mod tests {
         assert!(reply.starts_with("250"), "{reply}");
         let messages = server.wait_for(1, Duration::from_secs(5)).await;
         assert!(!messages[0].data.contains("after"));
-        assert_eq!(server.unexpected_commands(), vec!["tail after".to_string(), ".".to_string()]);
+        assert_eq!(
+            server.unexpected_commands(),
+            vec!["tail after".to_string(), ".".to_string()]
+        );
     }
 
     #[test]

@@ -70,7 +70,10 @@ async fn assert_refused(app: &TestApp, body: &Value, field: &str) {
     assert_eq!(status, 400, "expected 400 naming {field}, got {status}: {problem}");
     assert_eq!(content_type.as_deref(), Some("application/problem+json"), "{problem}");
     let named = problem["field"].as_str().unwrap_or_default();
-    assert!(named.ends_with(field), "expected the problem to name {field}, got {problem}");
+    assert!(
+        named.ends_with(field),
+        "expected the problem to name {field}, got {problem}"
+    );
     let detail = problem["detail"].as_str().unwrap_or_default();
     assert!(!detail.trim().is_empty(), "the problem has no detail: {problem}");
 }
@@ -82,9 +85,16 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
 
     let messages = app.smtp.wait_for_to("ann@example.com", 3, DEADLINE).await;
     let rows = app
-        .wait_for_deliveries("ann@example.com", "all three steps are sent", |d| all_in_state(d, 3, "sent"))
+        .wait_for_deliveries("ann@example.com", "all three steps are sent", |d| {
+            all_in_state(d, 3, "sent")
+        })
         .await;
-    assert_eq!(app.smtp.messages_to("ann@example.com").len(), 3, "{}", app.smtp.summary());
+    assert_eq!(
+        app.smtp.messages_to("ann@example.com").len(),
+        3,
+        "{}",
+        app.smtp.summary()
+    );
 
     // Timing from the rows, not from the test's clock: step one a delay after enrollment, each next step a delay
     // after the previous one, nothing sent before it was due.
@@ -94,11 +104,20 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
     );
     for pair in rows.windows(2) {
         let gap = pair[1].due_at - pair[0].due_at;
-        assert!(gap >= ms(900) && gap <= ms(1500), "steps are not one second apart: {rows:#?}");
+        assert!(
+            gap >= ms(900) && gap <= ms(1500),
+            "steps are not one second apart: {rows:#?}"
+        );
     }
     for row in &rows {
-        let sent = row.sent_at.unwrap_or_else(|| panic!("a sent delivery without sent_at: {row:?}"));
-        assert!(sent >= row.due_at, "step {} was sent before it was due: {row:?}", row.step);
+        let sent = row
+            .sent_at
+            .unwrap_or_else(|| panic!("a sent delivery without sent_at: {row:?}"));
+        assert!(
+            sent >= row.due_at,
+            "step {} was sent before it was due: {row:?}",
+            row.step
+        );
         assert!(sent - row.due_at < ms(5000), "step {} was sent late: {row:?}", row.step);
     }
     let arrival: Vec<i16> = messages.iter().map(|m| step_of(m, &rows)).collect();
@@ -106,9 +125,17 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
 
     let steps = by_step(&messages, &rows);
     for (step, m) in &steps {
-        assert_eq!(m.media_type().as_deref(), Some("multipart/alternative"), "step {step}: {}", m.data);
+        assert_eq!(
+            m.media_type().as_deref(),
+            Some("multipart/alternative"),
+            "step {step}: {}",
+            m.data
+        );
         assert_eq!(m.rcpt_to, vec!["ann@example.com".to_string()]);
-        assert!(m.header("To").unwrap_or_default().contains("ann@example.com"), "step {step}");
+        assert!(
+            m.header("To").unwrap_or_default().contains("ann@example.com"),
+            "step {step}"
+        );
         assert!(m.header("From").is_some(), "step {step} has no From");
         for part in m.parts() {
             assert_eq!(part.transfer_encoding, "quoted-printable", "step {step}: {part:?}");
@@ -122,10 +149,18 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
     let subject = steps[&1].subject().unwrap_or_default();
     assert_eq!(subject, "Ann, you left Trail Runner 2 in your cart");
     assert!(!text_of(&steps[&1]).contains("% off"));
-    assert!(text_of(&steps[&2]).contains("here is 10% off Trail Runner 2"), "{}", text_of(&steps[&2]));
+    assert!(
+        text_of(&steps[&2]).contains("here is 10% off Trail Runner 2"),
+        "{}",
+        text_of(&steps[&2])
+    );
     assert!(html_of(&steps[&2]).contains("10% off"));
     assert_eq!(steps[&2].subject().unwrap_or_default(), "10% off Trail Runner 2, Ann");
-    assert!(text_of(&steps[&3]).contains("here is 15% off Trail Runner 2"), "{}", text_of(&steps[&3]));
+    assert!(
+        text_of(&steps[&3]).contains("here is 15% off Trail Runner 2"),
+        "{}",
+        text_of(&steps[&3])
+    );
     assert!(html_of(&steps[&3]).contains("15% off"));
     app.stop().await;
 }
@@ -141,7 +176,9 @@ async fn a_german_lead_receives_the_german_templates() {
 
     let messages = app.smtp.wait_for_to("jonas@example.de", 3, DEADLINE).await;
     let rows = app
-        .wait_for_deliveries("jonas@example.de", "all three steps are sent", |d| all_in_state(d, 3, "sent"))
+        .wait_for_deliveries("jonas@example.de", "all three steps are sent", |d| {
+            all_in_state(d, 3, "sent")
+        })
         .await;
     let steps = by_step(&messages, &rows);
     assert_eq!(
@@ -149,7 +186,10 @@ async fn a_german_lead_receives_the_german_templates() {
         "Jonas, Ihr Warenkorb wartet: Trail Runner 2"
     );
     let text = text_of(&steps[&1]);
-    assert!(text.contains("Hallo Jonas,") && text.contains("Schöne Grüße!"), "{text}");
+    assert!(
+        text.contains("Hallo Jonas,") && text.contains("Schöne Grüße!"),
+        "{text}"
+    );
     assert!(html_of(&steps[&1]).contains("<p>Hallo Jonas,</p>"));
     assert_eq!(
         steps[&2].subject().unwrap_or_default(),
@@ -158,7 +198,11 @@ async fn a_german_lead_receives_the_german_templates() {
     assert!(text_of(&steps[&2]).contains("erhalten Sie jetzt 10 % Rabatt"));
     assert!(text_of(&steps[&3]).contains("erhalten Sie jetzt 15 % Rabatt"));
     for m in steps.values() {
-        assert!(!text_of(m).contains("Hi "), "an English text reached a German lead: {}", text_of(m));
+        assert!(
+            !text_of(m).contains("Hi "),
+            "an English text reached a German lead: {}",
+            text_of(m)
+        );
     }
     app.stop().await;
 }
@@ -208,17 +252,27 @@ async fn an_order_after_the_first_email_stops_the_sequence_and_is_attributed_to_
         .unwrap_or_else(|e| panic!("failed to read conversions: {e}"));
     assert_eq!(conversions.len(), 1, "one order, one conversion");
     let c = &conversions[0];
-    assert_eq!(c.get::<_, Option<i64>>(0), Some(rows[0].id), "attributed to the wrong delivery");
+    assert_eq!(
+        c.get::<_, Option<i64>>(0),
+        Some(rows[0].id),
+        "attributed to the wrong delivery"
+    );
     assert_eq!(c.get::<_, Option<f64>>(1), Some(123.45));
     assert_eq!(c.get::<_, Option<String>>(2).as_deref(), Some("EUR"));
     assert_eq!(c.get::<_, Option<String>>(3).as_deref(), Some("o-1001"));
     assert_eq!(c.get::<_, Option<i16>>(4), Some(1));
     assert_eq!(
-        app.count("SELECT count(*) FROM enrollments WHERE status = 'active'").await,
+        app.count("SELECT count(*) FROM enrollments WHERE status = 'active'")
+            .await,
         0,
         "the enrollment should have ended"
     );
-    assert_eq!(app.smtp.messages_to("carl@example.com").len(), 1, "{}", app.smtp.summary());
+    assert_eq!(
+        app.smtp.messages_to("carl@example.com").len(),
+        1,
+        "{}",
+        app.smtp.summary()
+    );
     app.stop().await;
 }
 
@@ -238,22 +292,36 @@ async fn the_same_event_sent_twice_over_http_and_amqp_makes_one_lead_one_enrollm
     )
     .await;
     wait_until("the marker event behind the copies is stored", DEADLINE, || async {
-        app.count("SELECT count(*) FROM leads WHERE email = 'marker@example.com'").await == 1
+        app.count("SELECT count(*) FROM leads WHERE email = 'marker@example.com'")
+            .await
+            == 1
     })
     .await;
 
     app.smtp.wait_for_to("dana@example.com", 3, DEADLINE).await;
-    app.wait_for_deliveries("dana@example.com", "all three steps are sent", |d| all_in_state(d, 3, "sent"))
-        .await;
+    app.wait_for_deliveries("dana@example.com", "all three steps are sent", |d| {
+        all_in_state(d, 3, "sent")
+    })
+    .await;
     let id = e["id"].as_str().unwrap_or_default().to_string();
     assert_eq!(
-        app.count(&format!("SELECT count(*) FROM events WHERE event_id = '{id}'")).await,
+        app.count(&format!("SELECT count(*) FROM events WHERE event_id = '{id}'"))
+            .await,
         1
     );
-    assert_eq!(app.count("SELECT count(*) FROM leads WHERE email = 'dana@example.com'").await, 1);
+    assert_eq!(
+        app.count("SELECT count(*) FROM leads WHERE email = 'dana@example.com'")
+            .await,
+        1
+    );
     assert_eq!(app.count("SELECT count(*) FROM enrollments").await, 1);
     assert_eq!(app.count("SELECT count(*) FROM deliveries").await, 3);
-    assert_eq!(app.smtp.messages_to("dana@example.com").len(), 3, "{}", app.smtp.summary());
+    assert_eq!(
+        app.smtp.messages_to("dana@example.com").len(),
+        3,
+        "{}",
+        app.smtp.summary()
+    );
     app.stop().await;
 }
 
@@ -275,7 +343,10 @@ async fn a_batch_of_events_is_accepted() {
     assert_eq!(app.count("SELECT count(*) FROM leads").await, 2);
     app.wait_for_deliveries("finn@example.com", "finn is enrolled", |d| d.len() == 3)
         .await;
-    assert!(app.deliveries_of("eve@example.com").await.is_empty(), "lead.captured enrolls in no cart campaign");
+    assert!(
+        app.deliveries_of("eve@example.com").await.is_empty(),
+        "lead.captured enrolls in no cart campaign"
+    );
     app.stop().await;
 }
 
@@ -388,7 +459,9 @@ async fn a_sender_killed_between_steps_sends_the_remaining_steps_exactly_once_af
     .await;
     let sender = app.spawn_process(LEADFLOW, &["run", "sender"]);
     let rows = app
-        .wait_for_deliveries("holly@example.com", "all three steps are sent", |d| all_in_state(d, 3, "sent"))
+        .wait_for_deliveries("holly@example.com", "all three steps are sent", |d| {
+            all_in_state(d, 3, "sent")
+        })
         .await;
     sender.kill().await;
 
@@ -401,7 +474,12 @@ async fn a_sender_killed_between_steps_sends_the_remaining_steps_exactly_once_af
         *per_delivery.entry(id).or_default() += 1;
     }
     let expected: BTreeMap<i64, usize> = rows.iter().map(|r| (r.id, 1)).collect();
-    assert_eq!(per_delivery, expected, "each step exactly once:\n{}", app.smtp.summary());
+    assert_eq!(
+        per_delivery,
+        expected,
+        "each step exactly once:\n{}",
+        app.smtp.summary()
+    );
     app.stop().await;
 }
 
@@ -419,7 +497,11 @@ async fn a_transient_smtp_failure_is_retried_and_then_sent() {
             !d.is_empty() && d[0].state == "sent"
         })
         .await;
-    assert!(rows[0].attempts >= 2, "step one should have needed two attempts: {:?}", rows[0]);
+    assert!(
+        rows[0].attempts >= 2,
+        "step one should have needed two attempts: {:?}",
+        rows[0]
+    );
     assert!(app.smtp.attempts("ivan@example.com") >= 2);
     let step_one: Vec<Captured> = app
         .smtp
@@ -436,7 +518,10 @@ async fn a_permanent_smtp_failure_ends_as_failed_with_the_reason_and_other_leads
     let app = TestApp::spawn().await;
     app.smtp.set_rule(
         "jack@example.com",
-        Rule::always(550, "5.1.1 <jack@example.com>: recipient address rejected: user unknown"),
+        Rule::always(
+            550,
+            "5.1.1 <jack@example.com>: recipient address rejected: user unknown",
+        ),
     );
     app.post_event(&event("checkout.abandoned", "jack@example.com")).await;
     app.post_event(&event("checkout.abandoned", "kate@example.com")).await;
@@ -456,8 +541,10 @@ async fn a_permanent_smtp_failure_ends_as_failed_with_the_reason_and_other_leads
     assert!(rows[0].sent_at.is_none());
 
     app.smtp.wait_for_to("kate@example.com", 3, DEADLINE).await;
-    app.wait_for_deliveries("kate@example.com", "kate's three steps are sent", |d| all_in_state(d, 3, "sent"))
-        .await;
+    app.wait_for_deliveries("kate@example.com", "kate's three steps are sent", |d| {
+        all_in_state(d, 3, "sent")
+    })
+    .await;
     app.wait_for_deliveries("jack@example.com", "every step of jack's has ended", |d| {
         d.len() == 3 && d.iter().all(|r| r.state == "failed" || r.state == "cancelled")
     })
@@ -487,7 +574,9 @@ async fn a_body_with_a_lone_dot_line_arrives_as_one_intact_message() {
     let m = &step_one[0];
     let text = text_of(m);
     assert!(
-        text.contains("Hi Ann,\n.\nThe line above holds a single dot; this one follows it.\n..\nAnd the one above holds two."),
+        text.contains(
+            "Hi Ann,\n.\nThe line above holds a single dot; this one follows it.\n..\nAnd the one above holds two."
+        ),
         "{text:?}"
     );
     assert!(

@@ -40,6 +40,11 @@ enum Command {
         #[command(subcommand)]
         action: CampaignAction,
     },
+    /// Installation-wide settings: the send switch, staleness limit, attribution window, minimum delays.
+    Settings {
+        #[command(subcommand)]
+        action: SettingsAction,
+    },
     /// Follow-ups sent, cancelled and converted, and revenue, per campaign and step.
     Stats {
         /// Print JSON instead of a table.
@@ -55,6 +60,14 @@ enum Command {
         #[arg(long, default_value = "120s")]
         timeout: String,
     },
+}
+
+#[derive(Subcommand)]
+enum SettingsAction {
+    /// Every setting with its value.
+    Get,
+    /// Change a setting, e.g. `sending_enabled false` or `min_delay.order.unfinished 1h`.
+    Set { key: String, value: String },
 }
 
 #[derive(Subcommand)]
@@ -139,6 +152,23 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
                 CampaignAction::Deactivate { name } => {
                     let cancelled = leadflow_scheduler::campaigns::set_status(&client, &name, false).await?;
                     println!("campaign {name} inactive; {cancelled} pending follow-ups cancelled");
+                }
+            }
+            Ok(())
+        }
+        Command::Settings { action } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            let client = pool.get().await?;
+            match action {
+                SettingsAction::Get => {
+                    for (key, value) in leadflow_shared::settings::all(&client).await? {
+                        println!("{key:<32} {value}");
+                    }
+                }
+                SettingsAction::Set { key, value } => {
+                    let stored = leadflow_shared::settings::set(&client, &key, &value).await?;
+                    println!("{key} = {stored}");
                 }
             }
             Ok(())

@@ -7,7 +7,7 @@ use anyhow::Context as _;
 use deadpool_postgres::GenericClient;
 use serde::{Deserialize, Serialize};
 
-use leadflow_shared::domain::{format_delay, parse_delay, LeadSource};
+use leadflow_shared::domain::{format_delay, parse_delay, EmailAddress, LeadSource};
 
 /// The most follow-up steps a campaign may have.
 pub const MAX_STEPS: usize = 3;
@@ -17,6 +17,8 @@ pub const MAX_STEPS: usize = 3;
 #[serde(deny_unknown_fields)]
 pub struct CampaignSpec {
     pub name: String,
+    #[serde(default)]
+    pub description: String,
     #[serde(default = "default_status")]
     pub status: String,
     /// `checkout.abandoned`, `order.unfinished`, `trial.started`, `renewal.due`, or `all`.
@@ -24,6 +26,27 @@ pub struct CampaignSpec {
     /// Template language used when the lead has none (or none of the lead's languages exists).
     #[serde(default = "default_language")]
     pub language: String,
+    /// Product SKUs the event's product must be one of; empty: every product.
+    #[serde(default)]
+    pub products: Vec<String>,
+    /// Lead languages (primary subtag, `de` matches `de-AT`); empty: every language.
+    #[serde(default)]
+    pub languages: Vec<String>,
+    /// Lead countries (ISO 3166-1 alpha-2); empty: every country.
+    #[serde(default)]
+    pub countries: Vec<String>,
+    /// Instant lead notification: a signed JSON POST per enrollment, email sent, bounce, conversion, unsubscribe.
+    #[serde(default)]
+    pub notify_url: Option<String>,
+    /// A copy of every follow-up goes to this address.
+    #[serde(default)]
+    pub bcc: Option<String>,
+    /// The lead discount replaces coupon discounts the lead had before.
+    #[serde(default)]
+    pub override_coupons: bool,
+    /// Steps without a template use the built-in default template of the lead source.
+    #[serde(default)]
+    pub use_default_template: bool,
     pub steps: Vec<StepSpec>,
 }
 
@@ -35,7 +58,9 @@ pub struct StepSpec {
     /// Percent off, 0 to 100.
     #[serde(default)]
     pub discount: u8,
-    pub template: String,
+    /// May be left out when the campaign sets `use_default_template`.
+    #[serde(default)]
+    pub template: Option<String>,
 }
 
 fn default_status() -> String {
@@ -50,11 +75,27 @@ fn default_language() -> String {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Campaign {
     pub name: String,
+    pub description: String,
     pub active: bool,
     /// `None`: every lead source.
     pub lead_source: Option<LeadSource>,
     pub language: String,
+    pub products: Vec<String>,
+    pub languages: Vec<String>,
+    pub countries: Vec<String>,
+    pub notify_url: Option<String>,
+    pub bcc: Option<String>,
+    pub override_coupons: bool,
+    pub use_default_template: bool,
     pub steps: Vec<Step>,
+}
+
+/// The built-in template a step uses when its campaign sets `use_default_template` and the step names none.
+pub fn default_template(source: Option<LeadSource>) -> String {
+    match source {
+        Some(s) => format!("default-{}", s.as_str().replace('.', "-")),
+        None => "default-follow-up".to_string(),
+    }
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -91,7 +132,14 @@ impl CampaignSpec {
             if s.discount > 100 {
                 anyhow::bail!("{}: must be 0 to 100", at("discount"));
             }
-            let template = s.template.trim();
+            let template = match (&s.template, self.use_default_template) {
+                (Some(t), _) => t.trim().to_string(),
+                (None, true) => default_template(lead_source),
+                (None, false) => anyhow::bail!(
+                    "{}: is required (or set use_default_template: true on the campaign)",
+                    at("template")
+                ),
+            };
             if template.is_empty()
                 || !template
                     .chars()
@@ -102,14 +150,68 @@ impl CampaignSpec {
             steps.push(Step {
                 delay,
                 discount: s.discount,
-                template: template.to_string(),
+                template,
             });
         }
+        if self.description.chars().count() > 2000 {
+            anyhow::bail!("{}: at most 2000 characters", ctx("description"));
+        }
+        let mut products = Vec::new();
+        for (i, p) in self.products.iter().enumerate() {
+            let p = p.trim();
+            if p.is_empty() || p.len() > 256 {
+                anyhow::bail!("{}: a SKU of 1 to 256 characters", ctx(&format!("products[{i}]")));
+            }
+            products.push(p.to_string());
+        }
+        let mut languages = Vec::new();
+        for (i, l) in self.languages.iter().enumerate() {
+            let l = l.trim().to_ascii_lowercase();
+            if !(2..=3).contains(&l.len()) || !l.chars().all(|c| c.is_ascii_lowercase()) {
+                anyhow::bail!("{}: a language code such as en or de", ctx(&format!("languages[{i}]")));
+            }
+            languages.push(l);
+        }
+        let mut countries = Vec::new();
+        for (i, c) in self.countries.iter().enumerate() {
+            let c = c.trim().to_ascii_uppercase();
+            if c.len() != 2 || !c.chars().all(|c| c.is_ascii_uppercase()) {
+                anyhow::bail!("{}: an ISO 3166-1 alpha-2 code such as DE", ctx(&format!("countries[{i}]")));
+            }
+            countries.push(c);
+        }
+        let notify_url = match self.notify_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
+            None => None,
+            Some(u) => {
+                let parsed = url::Url::parse(u).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("notify_url")))?;
+                if !matches!(parsed.scheme(), "http" | "https") {
+                    anyhow::bail!("{}: must be an http(s) URL", ctx("notify_url"));
+                }
+                Some(u.to_string())
+            }
+        };
+        let bcc = match self.bcc.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+            None => None,
+            Some(b) => Some(
+                EmailAddress::parse(b)
+                    .map_err(|e| anyhow::anyhow!("{}: {e}", ctx("bcc")))?
+                    .as_str()
+                    .to_string(),
+            ),
+        };
         Ok(Campaign {
             name: name.to_string(),
+            description: self.description.trim().to_string(),
             active,
             lead_source,
             language: self.language.trim().to_ascii_lowercase(),
+            products,
+            languages,
+            countries,
+            notify_url,
+            bcc,
+            override_coupons: self.override_coupons,
+            use_default_template: self.use_default_template,
             steps,
         })
     }
@@ -150,38 +252,51 @@ pub enum Applied {
 pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::Result<Applied> {
     let status = if campaign.active { "active" } else { "inactive" };
     let source = campaign.lead_source.map(LeadSource::as_str);
-    let existing = client
-        .query_opt(
-            "SELECT id, status, lead_source, language FROM campaigns WHERE name = $1 FOR UPDATE",
-            &[&campaign.name],
+    let c = campaign;
+    let row = client
+        .query_one(
+            "INSERT INTO campaigns (name, status, lead_source, language, description, products, languages, countries,
+                                    notify_url, bcc, override_coupons, use_default_template)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+             ON CONFLICT (name) DO UPDATE SET
+                 status = EXCLUDED.status, lead_source = EXCLUDED.lead_source, language = EXCLUDED.language,
+                 description = EXCLUDED.description, products = EXCLUDED.products, languages = EXCLUDED.languages,
+                 countries = EXCLUDED.countries, notify_url = EXCLUDED.notify_url, bcc = EXCLUDED.bcc,
+                 override_coupons = EXCLUDED.override_coupons, use_default_template = EXCLUDED.use_default_template,
+                 updated_at = CASE WHEN (campaigns.status, campaigns.lead_source, campaigns.language,
+                                         campaigns.description, campaigns.products, campaigns.languages,
+                                         campaigns.countries, campaigns.notify_url, campaigns.bcc,
+                                         campaigns.override_coupons, campaigns.use_default_template)
+                                        IS NOT DISTINCT FROM
+                                        (EXCLUDED.status, EXCLUDED.lead_source, EXCLUDED.language,
+                                         EXCLUDED.description, EXCLUDED.products, EXCLUDED.languages,
+                                         EXCLUDED.countries, EXCLUDED.notify_url, EXCLUDED.bcc,
+                                         EXCLUDED.override_coupons, EXCLUDED.use_default_template)
+                                   THEN campaigns.updated_at ELSE now() END
+             RETURNING id, (xmax = 0) AS created, updated_at = now() AS changed",
+            &[
+                &c.name,
+                &status,
+                &source,
+                &c.language,
+                &c.description,
+                &c.products,
+                &c.languages,
+                &c.countries,
+                &c.notify_url,
+                &c.bcc,
+                &c.override_coupons,
+                &c.use_default_template,
+            ],
         )
         .await?;
-    let (id, mut applied) = match existing {
-        None => {
-            let row = client
-                .query_one(
-                    "INSERT INTO campaigns (name, status, lead_source, language) VALUES ($1, $2, $3, $4) RETURNING id",
-                    &[&campaign.name, &status, &source, &campaign.language],
-                )
-                .await?;
-            (row.get::<_, i64>(0), Applied::Created)
-        }
-        Some(row) => {
-            let id: i64 = row.get(0);
-            let same = row.get::<_, String>(1) == status
-                && row.get::<_, Option<String>>(2).as_deref() == source
-                && row.get::<_, String>(3) == campaign.language;
-            if !same {
-                client
-                    .execute(
-                        "UPDATE campaigns SET status = $2, lead_source = $3, language = $4, updated_at = now()
-                         WHERE id = $1",
-                        &[&id, &status, &source, &campaign.language],
-                    )
-                    .await?;
-            }
-            (id, if same { Applied::Unchanged } else { Applied::Updated })
-        }
+    let id: i64 = row.get(0);
+    let mut applied = if row.get::<_, bool>(1) {
+        Applied::Created
+    } else if row.get::<_, bool>(2) {
+        Applied::Updated
+    } else {
+        Applied::Unchanged
     };
     let current: Vec<(i16, i64, i16, String)> = client
         .query(
@@ -214,6 +329,10 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
         if applied == Applied::Unchanged {
             applied = Applied::Updated;
         }
+    }
+    if !campaign.active {
+        // An inactive campaign sends nothing: its open sequences end, as `set_status` does.
+        end_sequences_of(client, id).await?;
     }
     Ok(applied)
 }
@@ -280,19 +399,23 @@ pub async fn set_status(client: &impl GenericClient, name: &str, active: bool) -
     if active {
         return Ok(0);
     }
-    let id: i64 = row.get(0);
+    end_sequences_of(client, row.get(0)).await
+}
+
+/// Cancels the open follow-ups of a campaign (reason `campaign stopped`) and ends its enrollments.
+async fn end_sequences_of(client: &impl GenericClient, campaign_id: i64) -> anyhow::Result<u64> {
     let cancelled = client
         .execute(
             "UPDATE deliveries SET state = 'cancelled', reason = 'campaign stopped', updated_at = now()
              WHERE campaign_id = $1 AND state IN ('pending', 'queued', 'rendered', 'retrying')",
-            &[&id],
+            &[&campaign_id],
         )
         .await?;
     client
         .execute(
             "UPDATE enrollments SET status = 'cancelled', reason = 'campaign stopped', ended_at = now()
              WHERE campaign_id = $1 AND status = 'active'",
-            &[&id],
+            &[&campaign_id],
         )
         .await?;
     Ok(cancelled)

@@ -4,7 +4,8 @@
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 
-use leadflow_shared::domain::EventType;
+use leadflow_shared::domain::{EventType, LeadSource};
+use leadflow_shared::settings;
 
 use crate::metrics;
 
@@ -57,12 +58,14 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     let event_type = EventType::parse(&event_type)?;
 
     match &event_type {
-        t if t.lead_source().is_some() && suppressed.is_none() => {
-            let source = t.lead_source().map(|s| s.as_str());
-            h.enrollments = enroll(tx, lead_id, id, source, &data).await?;
+        t if t.lead_source().is_some() => {
+            if let (Some(source), None) = (t.lead_source(), &suppressed) {
+                h.enrollments = enroll(tx, lead_id, id, source, &data).await?;
+            }
         }
         EventType::OrderCompleted => {
-            h.cancelled_deliveries = end_sequences(tx, lead_id, "converted", "completed").await?;
+            let purchase = Purchase::of(&data);
+            h.cancelled_deliveries = end_sequences(tx, lead_id, "converted", "completed", Some(&purchase)).await?;
             h.conversions = record_conversion(tx, lead_id, id, &data).await?;
         }
         EventType::LeadUnsubscribed | EventType::EmailBounced | EventType::EmailComplained => {
@@ -76,7 +79,7 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
                 &[&lead_id, &reason],
             )
             .await?;
-            h.cancelled_deliveries = end_sequences(tx, lead_id, reason, "cancelled").await?;
+            h.cancelled_deliveries = end_sequences(tx, lead_id, reason, "cancelled", None).await?;
         }
         _ => {}
     }
@@ -86,20 +89,59 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     Ok(h)
 }
 
-/// Enrolls the lead in every active campaign targeting `source` (or all sources) it is not already in, creating
-/// one delivery row per step. Step 1 is due after its delay; each later step after the previous one's due time.
+/// What an event is about, for enrollment keys and for matching a purchase to the sequences it ends.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Subject {
+    pub checkout_id: Option<String>,
+    pub order_id: Option<String>,
+    pub product_sku: Option<String>,
+}
+
+impl Subject {
+    pub fn of(data: &Value) -> Self {
+        let text = |v: Option<&Value>| v.and_then(Value::as_str).map(str::to_string).filter(|s| !s.is_empty());
+        Self {
+            checkout_id: text(data.get("checkout_id")),
+            order_id: text(data.get("order_id")),
+            product_sku: text(data.get("product").and_then(|p| p.get("sku"))),
+        }
+    }
+
+    /// One enrollment per lead x campaign x this key: the checkout, else the order, else the product.
+    pub fn key(&self) -> String {
+        match (&self.checkout_id, &self.order_id, &self.product_sku) {
+            (Some(c), _, _) => format!("checkout:{c}"),
+            (None, Some(o), _) => format!("order:{o}"),
+            (None, None, Some(p)) => format!("product:{p}"),
+            (None, None, None) => String::new(),
+        }
+    }
+}
+
+/// Enrolls the lead in every active campaign whose targeting matches (lead source, products, languages,
+/// countries), once per lead x campaign x subject, creating one delivery row per step. Step 1 is due after its
+/// delay (at least the lead source's minimum delay); each later step after the previous one's due time.
 async fn enroll(
     tx: &impl GenericClient,
     lead_id: i64,
     event_id: i64,
-    source: Option<&str>,
+    source: LeadSource,
     data: &Value,
 ) -> anyhow::Result<usize> {
     let product = data.get("product").cloned().filter(|p| p.is_object());
+    let subject = Subject::of(data);
+    let min_delay = settings::min_delay(tx, source).await?.as_secs_f64();
     let campaigns = tx
         .query(
-            "SELECT id FROM campaigns WHERE status = 'active' AND (lead_source IS NULL OR lead_source = $1) ORDER BY id",
-            &[&source],
+            "SELECT c.id FROM campaigns c JOIN leads l ON l.id = $2
+             WHERE c.status = 'active'
+               AND (c.lead_source IS NULL OR c.lead_source = $1)
+               AND (cardinality(c.products) = 0 OR $3::text = ANY (c.products))
+               AND (cardinality(c.languages) = 0
+                    OR lower(split_part(coalesce(l.language, ''), '-', 1)) = ANY (c.languages))
+               AND (cardinality(c.countries) = 0 OR upper(coalesce(l.country, '')) = ANY (c.countries))
+             ORDER BY c.id",
+            &[&source.as_str(), &lead_id, &subject.product_sku],
         )
         .await?;
     let mut enrolled = 0;
@@ -107,23 +149,34 @@ async fn enroll(
         let campaign_id: i64 = campaign.get(0);
         let inserted = tx
             .query_opt(
-                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product)
-                 VALUES ($1, $2, $3, $4)
-                 ON CONFLICT (lead_id, campaign_id) WHERE status = 'active' DO NOTHING
+                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id, product_sku)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                 ON CONFLICT (lead_id, campaign_id, subject) DO NOTHING
                  RETURNING id",
-                &[&lead_id, &campaign_id, &event_id, &product],
+                &[
+                    &lead_id,
+                    &campaign_id,
+                    &event_id,
+                    &product,
+                    &subject.key(),
+                    &subject.checkout_id,
+                    &subject.order_id,
+                    &subject.product_sku,
+                ],
             )
             .await?;
         let Some(enrollment) = inserted else {
-            continue; // already in this campaign: one sequence at a time
+            continue; // already enrolled about this checkout / order / product
         };
         let enrollment_id: i64 = enrollment.get(0);
         tx.execute(
             "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at)
              SELECT $1, $2, $3, s.step,
-                    now() + make_interval(secs => (sum(s.delay_seconds) OVER (ORDER BY s.step))::float8)
+                    now() + make_interval(secs => (sum(CASE WHEN s.step = 1 THEN greatest(s.delay_seconds::float8, $4)
+                                                            ELSE s.delay_seconds::float8 END)
+                                                   OVER (ORDER BY s.step)))
              FROM campaign_steps s WHERE s.campaign_id = $3",
-            &[&enrollment_id, &lead_id, &campaign_id],
+            &[&enrollment_id, &lead_id, &campaign_id, &min_delay],
         )
         .await?;
         enrolled += 1;
@@ -132,25 +185,67 @@ async fn enroll(
     Ok(enrolled)
 }
 
-/// Cancels every open delivery of the lead with `reason` and ends its active enrollments.
-async fn end_sequences(tx: &impl GenericClient, lead_id: i64, reason: &str, status: &str) -> anyhow::Result<usize> {
+/// Ends the lead's active enrollments and cancels their open deliveries with `reason`. With a subject (a
+/// purchase naming its checkout or products), only the sequences about that checkout or those products end, plus
+/// any sequence about nothing in particular.
+async fn end_sequences(
+    tx: &impl GenericClient,
+    lead_id: i64,
+    reason: &str,
+    status: &str,
+    subject: Option<&Purchase>,
+) -> anyhow::Result<usize> {
+    let (checkouts, skus): (Vec<String>, Vec<String>) = match subject {
+        Some(p) => (p.checkout_id.iter().cloned().collect(), p.skus.clone()),
+        None => (Vec::new(), Vec::new()),
+    };
+    let everything = checkouts.is_empty() && skus.is_empty();
+    let ended = tx
+        .query(
+            "UPDATE enrollments SET status = $3, reason = $2, ended_at = now()
+             WHERE lead_id = $1 AND status = 'active'
+               AND ($4 OR (checkout_id IS NULL AND product_sku IS NULL)
+                    OR checkout_id = ANY ($5) OR product_sku = ANY ($6))
+             RETURNING id",
+            &[&lead_id, &reason, &status, &everything, &checkouts, &skus],
+        )
+        .await?;
+    let ids: Vec<i64> = ended.iter().map(|r| r.get(0)).collect();
     let cancelled = tx
         .execute(
             "UPDATE deliveries SET state = 'cancelled', reason = $2, updated_at = now()
-             WHERE lead_id = $1 AND state IN ('pending', 'queued', 'rendered', 'retrying')",
-            &[&lead_id, &reason],
+             WHERE enrollment_id = ANY ($1) AND state IN ('pending', 'queued', 'rendered', 'retrying')",
+            &[&ids, &reason],
         )
         .await?;
-    tx.execute(
-        "UPDATE enrollments SET status = $3, reason = $2, ended_at = now() WHERE lead_id = $1 AND status = 'active'",
-        &[&lead_id, &reason, &status],
-    )
-    .await?;
     metrics::cancelled(reason, cancelled);
     Ok(cancelled as usize)
 }
 
-/// Records the order and attributes it to the last follow-up the lead was sent, if any.
+/// What a purchase names: its checkout and the SKUs bought.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    pub checkout_id: Option<String>,
+    pub skus: Vec<String>,
+}
+
+impl Purchase {
+    pub fn of(data: &Value) -> Self {
+        let mut skus: Vec<String> = Vec::new();
+        if let Some(sku) = data.get("product").and_then(|p| p.get("sku")).and_then(Value::as_str) {
+            skus.push(sku.to_string());
+        }
+        if let Some(items) = data.get("products").and_then(Value::as_array) {
+            skus.extend(items.iter().filter_map(|p| p.get("sku").and_then(Value::as_str)).map(str::to_string));
+        }
+        Self {
+            checkout_id: data.get("checkout_id").and_then(Value::as_str).map(str::to_string),
+            skus,
+        }
+    }
+}
+
+/// Records the order and attributes it to the last follow-up the lead was sent within the attribution window.
 async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64, data: &Value) -> anyhow::Result<usize> {
     let amount: Option<String> = match data.get("amount") {
         Some(Value::Number(n)) => Some(n.to_string()),
@@ -159,6 +254,7 @@ async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64,
     };
     let currency = data.get("currency").and_then(Value::as_str);
     let order_id = data.get("order_id").and_then(Value::as_str);
+    let window = settings::attribution_window(tx).await?.as_secs_f64();
     let inserted = tx
         .execute(
             "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step)
@@ -166,10 +262,11 @@ async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64,
              FROM (SELECT 1) AS one
              LEFT JOIN LATERAL (
                  SELECT id, campaign_id, step FROM deliveries
-                 WHERE lead_id = $1 AND state = 'sent' ORDER BY sent_at DESC LIMIT 1
+                 WHERE lead_id = $1 AND state = 'sent' AND sent_at >= now() - make_interval(secs => $6)
+                 ORDER BY sent_at DESC LIMIT 1
              ) d ON true
              ON CONFLICT (event_id) DO NOTHING",
-            &[&lead_id, &event_id, &order_id, &amount, &currency],
+            &[&lead_id, &event_id, &order_id, &amount, &currency, &window],
         )
         .await?;
     if inserted > 0 {

@@ -8,6 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use leadflow_shared::messages::WorkMessage;
 use leadflow_shared::service::Context;
+use leadflow_shared::settings;
 
 use crate::metrics;
 
@@ -17,6 +18,7 @@ const IDS_PER_MESSAGE: usize = 100;
 /// What one tick did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Tick {
+    pub expired: usize,
     pub due: usize,
     pub retries: usize,
     pub requeued: usize,
@@ -64,13 +66,16 @@ fn sweep_interval(ctx: &Context) -> Duration {
     (ctx.config.scheduler.sweep_after / 2).max(Duration::from_secs(1))
 }
 
-/// One pass: due deliveries, due retries, lease expiry, and (when `sweep`) stray events.
+/// One pass: due deliveries, due retries, lease expiry, and (when `sweep`) stray events. With the global switch
+/// off, nothing is handed out: due follow-ups wait, and resume (or expire) when it is switched on.
 pub async fn run_tick(ctx: &Context, sweep: bool) -> anyhow::Result<Tick> {
-    let mut done = Tick {
-        due: publish_due(ctx).await.context("failed to publish due deliveries")?,
-        retries: publish_retries(ctx).await.context("failed to publish due retries")?,
-        ..Default::default()
-    };
+    let mut done = Tick::default();
+    let enabled = settings::sending_enabled(&ctx.pool.get().await?).await?;
+    if enabled {
+        done.expired = expire_stale(ctx).await.context("failed to expire stale follow-ups")? as usize;
+        done.due = publish_due(ctx).await.context("failed to publish due deliveries")?;
+        done.retries = publish_retries(ctx).await.context("failed to publish due retries")?;
+    }
     if sweep {
         let (requeued, uncertain) = expire_leases(ctx).await.context("failed to expire leases")?;
         done.requeued = requeued;
@@ -88,6 +93,24 @@ pub async fn publish_due(ctx: &Context) -> anyhow::Result<usize> {
         delivery_ids: ids,
     })
     .await
+}
+
+/// Follow-ups due longer ago than the staleness limit are not sent late: they end as cancelled (`expired`).
+pub async fn expire_stale(ctx: &Context) -> anyhow::Result<u64> {
+    let client = ctx.pool.get().await?;
+    let stale_after = settings::stale_after(&client).await?.as_secs_f64();
+    let expired = client
+        .execute(
+            "UPDATE deliveries SET state = 'cancelled', reason = 'expired', updated_at = now()
+             WHERE state IN ('pending', 'retrying') AND due_at < now() - make_interval(secs => $1)",
+            &[&stale_after],
+        )
+        .await?;
+    if expired > 0 {
+        tracing::warn!(count = expired, "follow-ups expired: due longer ago than stale_after");
+        metrics::cancelled("expired", expired);
+    }
+    Ok(expired)
 }
 
 /// Deliveries whose transient SMTP failure has waited out its backoff go back to the sender.
