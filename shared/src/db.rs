@@ -40,7 +40,8 @@ pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {
     let mut client = pool.get().await.context("failed to connect to PostgreSQL")?;
     client
         .batch_execute(
-            "CREATE TABLE IF NOT EXISTS schema_migrations (
+            "SET client_min_messages TO warning;
+             CREATE TABLE IF NOT EXISTS schema_migrations (
                  version INTEGER PRIMARY KEY,
                  name TEXT NOT NULL,
                  applied_at TIMESTAMPTZ NOT NULL DEFAULT now())",

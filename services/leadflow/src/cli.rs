@@ -124,6 +124,13 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             let pool = db::pool(&config.database)?;
             let applied = db::migrate(&pool).await?;
             println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { format!("{applied:?}") });
+            let installed = crate::defaults::install(&pool).await?;
+            for t in &installed.templates {
+                println!("default template {t} installed");
+            }
+            for c in &installed.campaigns {
+                println!("default campaign {c} installed (inactive)");
+            }
             Ok(())
         }
         Command::Apply { paths } => {

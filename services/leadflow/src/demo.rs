@@ -19,6 +19,7 @@ pub async fn run(config: Config, dir: &Path, timeout: Duration) -> anyhow::Resul
     telemetry::init_logging(&config.log);
     let pool = db::pool(&config.database)?;
     db::migrate(&pool).await.context("failed to migrate the database")?;
+    crate::defaults::install(&pool).await?;
     let report = crate::apply::apply_path(&pool, dir).await?;
     print!("{report}");
 

@@ -2,6 +2,7 @@
 
 pub mod apply;
 pub mod cli;
+pub mod defaults;
 mod demo;
 
 use tokio::net::TcpListener;
