@@ -106,6 +106,8 @@ impl Running {
 
 /// Starts the services on `listener`. A task that fails stops the whole process (its orchestrator restarts it).
 pub fn start(ctx: &Context, services: Vec<Service>, listener: TcpListener, shutdown: CancellationToken) -> Running {
+    // Install the recorder before any work runs, so nothing counted before the first scrape is lost.
+    crate::telemetry::metrics_handle();
     let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut router = ops_router(Readiness {
         pool: ctx.pool.clone(),

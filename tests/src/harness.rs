@@ -78,23 +78,33 @@ async fn connect(url: &str) -> anyhow::Result<tokio_postgres::Client> {
     Ok(client)
 }
 
-/// A stable hash (FNV-1a, 64 bits) of every migration: a changed migration means a new template.
-fn migrations_hash() -> u64 {
+/// FNV-1a, 64 bits: stable across builds and processes, unlike `DefaultHasher`.
+fn fnv1a<'a>(bytes: impl IntoIterator<Item = &'a u8>) -> u64 {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for (version, name, sql) in MIGRATIONS {
-        for byte in version
-            .to_le_bytes()
-            .iter()
-            .chain(name.as_bytes())
-            .chain(&[0])
-            .chain(sql.as_bytes())
-            .chain(&[0])
-        {
-            hash ^= u64::from(*byte);
-            hash = hash.wrapping_mul(0x0100_0000_01b3);
-        }
+    for byte in bytes {
+        hash ^= u64::from(*byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
     hash
+}
+
+/// A hash of every migration: a changed migration means a new template.
+fn migrations_hash() -> u64 {
+    let mut all = Vec::new();
+    for (version, name, sql) in MIGRATIONS {
+        all.extend_from_slice(&version.to_le_bytes());
+        all.extend_from_slice(name.as_bytes());
+        all.push(0);
+        all.extend_from_slice(sql.as_bytes());
+        all.push(0);
+    }
+    fnv1a(&all)
+}
+
+/// The advisory lock a test process holds on a test database from before creating it until the test ends, so a
+/// cleanup in another process never mistakes a database not yet connected to for a leftover.
+fn owner_lock(database: &str) -> i64 {
+    fnv1a(database.as_bytes()) as i64
 }
 
 /// The name of the migrated template database, created on first use in this process.
@@ -134,10 +144,25 @@ async fn create_template_locked(admin: &tokio_postgres::Client, name: &str) -> a
         .await?;
     for row in leftovers {
         let leftover: String = row.get(0);
+        let key = owner_lock(&leftover);
+        let owned = leftover.starts_with("lf_test_");
+        if owned {
+            let free: bool = admin
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&key])
+                .await?
+                .get(0);
+            if !free {
+                // A running test owns it.
+                continue;
+            }
+        }
         // Someone may have connected since: then it is not a leftover, and the drop fails harmlessly.
         let _ = admin
             .batch_execute(&format!("DROP DATABASE IF EXISTS {}", ident(&leftover)))
             .await;
+        if owned {
+            admin.execute("SELECT pg_advisory_unlock($1)", &[&key]).await?;
+        }
     }
     let exists = admin
         .query_opt("SELECT 1 FROM pg_database WHERE datname = $1", &[&name])
@@ -183,7 +208,9 @@ async fn create_template_locked(admin: &tokio_postgres::Client, name: &str) -> a
 /// Drops a test's database (and deletes its AMQP queues and exchanges) when the test ends, pass or fail.
 struct Cleanup {
     database: String,
-    amqp: AmqpConfig,
+    amqp: Option<AmqpConfig>,
+    /// The session holding the owner lock (see [`owner_lock`]); released when this is dropped, after the database.
+    _owner: tokio_postgres::Client,
 }
 
 impl Drop for Cleanup {
@@ -203,7 +230,9 @@ impl Drop for Cleanup {
                             .batch_execute(&format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", ident(&database)))
                             .await;
                     }
-                    delete_namespace(&amqp).await;
+                    if let Some(amqp) = amqp {
+                        delete_namespace(&amqp).await;
+                    }
                 })
                 .await;
             });
@@ -411,10 +440,14 @@ impl TestApp {
         let template = template_database().await;
         let database = format!("lf_test_{}", short_id());
         let namespace = format!("t{}", short_id());
-        let admin = connect(&database_url("postgres"))
+        let owner = connect(&database_url("postgres"))
             .await
             .unwrap_or_else(|e| panic!("cannot connect to the test PostgreSQL server: {e}"));
-        admin
+        owner
+            .execute("SELECT pg_advisory_lock($1)", &[&owner_lock(&database)])
+            .await
+            .unwrap_or_else(|e| panic!("cannot take the test database's owner lock: {e}"));
+        owner
             .batch_execute(&format!(
                 "CREATE DATABASE {} TEMPLATE {}",
                 ident(&database),
@@ -422,7 +455,12 @@ impl TestApp {
             ))
             .await
             .unwrap_or_else(|e| panic!("failed to create the test database from {template}: {e}"));
-        drop(admin);
+        // From here on the database is dropped however the test ends.
+        let mut cleanup = Cleanup {
+            database: database.clone(),
+            amqp: None,
+            _owner: owner,
+        };
 
         let smtp = SmtpServer::start().await;
         let mut env: Vec<(String, String)> = [
@@ -462,10 +500,7 @@ impl TestApp {
             loaded => loaded,
         }
         .unwrap_or_else(|e| panic!("the test configuration is invalid: {e}"));
-        let cleanup = Cleanup {
-            database: database.clone(),
-            amqp: config.amqp.clone(),
-        };
+        cleanup.amqp = Some(config.amqp.clone());
         leadflow_shared::telemetry::init_logging(&config.log);
 
         let pool = db::pool(&DatabaseConfig {

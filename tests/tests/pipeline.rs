@@ -121,7 +121,7 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
         assert!(sent - row.due_at < ms(5000), "step {} was sent late: {row:?}", row.step);
     }
     let arrival: Vec<i16> = messages.iter().map(|m| step_of(m, &rows)).collect();
-    assert_eq!(arrival, vec![1, 2, 3], "the steps arrived out of order");
+    assert_eq!(arrival, vec![1, 2, 3], "the steps arrived out of order: {rows:#?}");
 
     let steps = by_step(&messages, &rows);
     for (step, m) in &steps {
@@ -604,10 +604,12 @@ async fn health_readiness_and_metrics_answer() {
     let response = app.get("/metrics").await;
     assert_eq!(response.status(), 200);
     let text = response.text().await.unwrap_or_default();
-    let counters: Vec<&str> = text
-        .lines()
-        .filter(|l| l.starts_with("leadflow_") && l.contains("_total"))
-        .collect();
-    assert!(!counters.is_empty(), "no leadflow_ counters in /metrics:\n{text}");
+    // Counted before this first scrape: the recorder must be installed when the services start, not lazily.
+    for counter in ["leadflow_ingest_events_total", "leadflow_sender_emails_total"] {
+        assert!(
+            text.lines().any(|l| l.starts_with(counter)),
+            "{counter} is missing from /metrics:\n{text}"
+        );
+    }
     app.stop().await;
 }
