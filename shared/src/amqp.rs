@@ -29,7 +29,11 @@ pub async fn connect(config: &AmqpConfig, name: &str) -> anyhow::Result<Connecti
     let mut url = config.url.expose_secret().to_string();
     if !url.contains("heartbeat=") {
         // Heartbeats notice a half-open connection within a minute.
-        url.push_str(if url.contains('?') { "&heartbeat=30" } else { "?heartbeat=30" });
+        url.push_str(if url.contains('?') {
+            "&heartbeat=30"
+        } else {
+            "?heartbeat=30"
+        });
     }
     let props = ConnectionProperties::default().with_connection_name(name.into());
     Connection::connect(&url, props)
@@ -137,7 +141,10 @@ impl Publisher {
 }
 
 fn envelope(kind: &str) -> BasicProperties {
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
     BasicProperties::default()
         .with_delivery_mode(PERSISTENT)
         .with_content_type("application/json".into())
@@ -216,13 +223,19 @@ where
         let (delivery, outcome) = handle(delivery).await;
         match outcome {
             Outcome::Ack => {
-                delivery.ack(BasicAckOptions::default()).await.context("failed to ack")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("failed to ack")?;
             }
             Outcome::DeadLetter(reason) => {
                 tracing::warn!(queue = %name, reason = %reason, "dead-lettering a message");
                 metrics::counter!("leadflow_dead_lettered_total", "queue" => queue.suffix()).increment(1);
                 publisher.dead_letter(queue, &delivery, &reason).await?;
-                delivery.ack(BasicAckOptions::default()).await.context("failed to ack")?;
+                delivery
+                    .ack(BasicAckOptions::default())
+                    .await
+                    .context("failed to ack")?;
             }
             Outcome::Retry(error) => {
                 tracing::warn!(queue = %name, error = format!("{error:#}"), "will retry a message");
@@ -238,7 +251,9 @@ where
             }
         }
     }
-    let _ = channel.basic_cancel(tag.as_str().into(), BasicCancelOptions::default()).await;
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
     let _ = channel.close(200, "shutdown".into()).await;
     tracing::info!(queue = %name, "stopped consuming");
     Ok(())

@@ -208,7 +208,11 @@ impl Config {
             url: SecretString::from(src.string("LEADFLOW_DATABASE_URL", "postgres://postgres@127.0.0.1:5432/leadflow")),
             pool_size: src.positive("LEADFLOW_DATABASE_POOL_SIZE", 16)?,
         };
-        validate_url("LEADFLOW_DATABASE_URL", database.url.expose_secret(), &["postgres", "postgresql"])?;
+        validate_url(
+            "LEADFLOW_DATABASE_URL",
+            database.url.expose_secret(),
+            &["postgres", "postgresql"],
+        )?;
 
         let amqp = AmqpConfig {
             url: SecretString::from(src.string("LEADFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
@@ -333,7 +337,9 @@ pub fn parse_smtp_url(raw: &str) -> Result<SmtpTarget, ConfigError> {
     };
     if let Some(path) = raw.strip_prefix("file://") {
         if path.is_empty() {
-            return Err(err("file:// needs a folder, e.g. file:///var/lib/leadflow/outbox".into()));
+            return Err(err(
+                "file:// needs a folder, e.g. file:///var/lib/leadflow/outbox".into()
+            ));
         }
         return Ok(SmtpTarget::Outbox(PathBuf::from(path)));
     }

@@ -13,6 +13,7 @@ use crate::config::DatabaseConfig;
 pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "pipeline", include_str!("../migrations/0001_pipeline.sql")),
     (2, "campaigns", include_str!("../migrations/0002_campaigns.sql")),
+    (3, "marketing", include_str!("../migrations/0003_marketing.sql")),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.
@@ -101,10 +102,7 @@ pub async fn check_schema(pool: &Pool) -> anyhow::Result<()> {
     let client = pool.get().await.context("failed to connect to PostgreSQL")?;
     let latest = MIGRATIONS.last().map(|m| m.0).unwrap_or(0);
     let row = client
-        .query_one(
-            "SELECT coalesce(max(version), 0) FROM schema_migrations",
-            &[],
-        )
+        .query_one("SELECT coalesce(max(version), 0) FROM schema_migrations", &[])
         .await;
     let current: i32 = match row {
         Ok(row) => row.get(0),

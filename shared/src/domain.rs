@@ -32,7 +32,10 @@ impl EmailAddress {
         if local.is_empty() || local.len() > 64 {
             return Err(Invalid("email local part must be 1 to 64 characters".into()));
         }
-        if email.chars().any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c)) {
+        if email
+            .chars()
+            .any(|c| c.is_whitespace() || c.is_control() || "<>()[],;:\\\"".contains(c))
+        {
             return Err(Invalid("email contains a character that is not allowed".into()));
         }
         if local.starts_with('.') || local.ends_with('.') || local.contains("..") {
@@ -196,43 +199,46 @@ impl LeadSource {
     }
 }
 
-/// Parses a delay such as `30s`, `15m`, `2h`, `3d` or `1h30m`.
+/// Parses a delay such as `30s`, `15m`, `2h`, `3d`, `1h30m` or `250ms`.
 pub fn parse_delay(raw: &str) -> Result<Duration, Invalid> {
     let raw = raw.trim();
     if raw.is_empty() {
         return Err(Invalid("delay is empty (use e.g. 30s, 15m, 2h, 3d)".into()));
     }
-    let mut total: u64 = 0;
-    let mut digits = String::new();
-    for c in raw.chars() {
-        if c.is_ascii_digit() {
-            digits.push(c);
-            continue;
+    let mut total = Duration::ZERO;
+    let mut rest = raw;
+    while !rest.is_empty() {
+        let digits = rest.chars().take_while(|c| c.is_ascii_digit()).count();
+        if digits == 0 {
+            return Err(Invalid(format!("delay {raw:?} needs a number before {:?}", &rest[..1])));
         }
-        let unit = match c {
-            's' => 1,
-            'm' => 60,
-            'h' => 3600,
-            'd' => 86_400,
-            'w' => 7 * 86_400,
-            _ => return Err(Invalid(format!("delay {raw:?} has an unknown unit {c:?} (use s, m, h, d, w)"))),
-        };
-        let n: u64 = digits
+        let n: u64 = rest[..digits]
             .parse()
-            .map_err(|_| Invalid(format!("delay {raw:?} needs a number before {c:?}")))?;
-        total = n
-            .checked_mul(unit)
-            .and_then(|v| total.checked_add(v))
+            .map_err(|_| Invalid(format!("delay {raw:?} is too long")))?;
+        rest = &rest[digits..];
+        let unit_len = rest.chars().take_while(|c| c.is_ascii_alphabetic()).count();
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let part = match unit {
+            "ms" => Some(Duration::from_millis(n)),
+            "s" => n.checked_mul(1).map(Duration::from_secs),
+            "m" => n.checked_mul(60).map(Duration::from_secs),
+            "h" => n.checked_mul(3600).map(Duration::from_secs),
+            "d" => n.checked_mul(86_400).map(Duration::from_secs),
+            "w" => n.checked_mul(7 * 86_400).map(Duration::from_secs),
+            "" => return Err(Invalid(format!("delay {raw:?} needs a unit (ms, s, m, h, d, w)"))),
+            other => {
+                return Err(Invalid(format!(
+                    "delay {raw:?} has an unknown unit {other:?} (use ms, s, m, h, d, w)"
+                )))
+            }
+        };
+        total = part
+            .and_then(|p| total.checked_add(p))
+            .filter(|t| t.as_secs() < 100 * 365 * 86_400)
             .ok_or_else(|| Invalid(format!("delay {raw:?} is too long")))?;
-        digits.clear();
     }
-    if !digits.is_empty() {
-        if total == 0 && raw.chars().all(|c| c.is_ascii_digit()) {
-            return Err(Invalid(format!("delay {raw:?} needs a unit (s, m, h, d, w)")));
-        }
-        return Err(Invalid(format!("delay {raw:?} ends without a unit")));
-    }
-    Ok(Duration::from_secs(total))
+    Ok(total)
 }
 
 /// Formats seconds as the shortest delay string: 90 -> `1m30s`, 7200 -> `2h`.
@@ -315,6 +321,7 @@ mod tests {
         assert_eq!(parse_delay("2h").unwrap(), Duration::from_secs(7200));
         assert_eq!(parse_delay("3d").unwrap(), Duration::from_secs(259_200));
         assert_eq!(parse_delay("1h30m").unwrap(), Duration::from_secs(5400));
+        assert_eq!(parse_delay("250ms").unwrap(), Duration::from_millis(250));
         assert!(parse_delay("30").unwrap_err().0.contains("unit"));
         assert!(parse_delay("3x").is_err());
         assert!(parse_delay("h").is_err());

@@ -108,7 +108,9 @@ impl Running {
 pub fn start(ctx: &Context, services: Vec<Service>, listener: TcpListener, shutdown: CancellationToken) -> Running {
     // Install the recorder before any work runs, so nothing counted before the first scrape is lost.
     crate::telemetry::metrics_handle();
-    let addr = listener.local_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
+    let addr = listener
+        .local_addr()
+        .unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)));
     let mut router = ops_router(Readiness {
         pool: ctx.pool.clone(),
         amqp: ctx.amqp.clone(),

@@ -100,7 +100,10 @@ async fn stored(client: &impl GenericClient, key: &str) -> anyhow::Result<Option
 }
 
 pub async fn sending_enabled(client: &impl GenericClient) -> anyhow::Result<bool> {
-    Ok(stored(client, SENDING_ENABLED).await?.and_then(|v| v.as_bool()).unwrap_or(true))
+    Ok(stored(client, SENDING_ENABLED)
+        .await?
+        .and_then(|v| v.as_bool())
+        .unwrap_or(true))
 }
 
 pub async fn stale_after(client: &impl GenericClient) -> anyhow::Result<Duration> {
@@ -132,8 +135,14 @@ mod tests {
             parse_value("min_delay.order.unfinished", "60m").unwrap(),
             Value::String("1h".into())
         );
-        assert!(parse_value("sending_enabled", "maybe").unwrap_err().0.contains("true or false"));
-        assert!(parse_value("min_delay.order.lost", "1h").unwrap_err().0.contains("unknown setting"));
+        assert!(parse_value("sending_enabled", "maybe")
+            .unwrap_err()
+            .0
+            .contains("true or false"));
+        assert!(parse_value("min_delay.order.lost", "1h")
+            .unwrap_err()
+            .0
+            .contains("unknown setting"));
         assert!(parse_value("stale_after", "soon").is_err());
     }
 }

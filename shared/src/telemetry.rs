@@ -10,7 +10,9 @@ use crate::config::{LogConfig, LogFormat};
 /// Installs the log subscriber; a second call (several services in one process, tests) is a no-op.
 pub fn init_logging(config: &LogConfig) {
     let filter = EnvFilter::try_new(&config.filter).unwrap_or_else(|_| EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     let _ = match config.format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
         LogFormat::Pretty => builder.try_init(),
@@ -26,7 +28,9 @@ pub fn metrics_handle() -> PrometheusHandle {
                 // Per-message times: milliseconds to tens of seconds (a slow SMTP relay).
                 .set_buckets_for_metric(
                     Matcher::Suffix("_seconds".into()),
-                    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0],
+                    &[
+                        0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+                    ],
                 )
                 .expect("bucket list is not empty");
             match builder.install_recorder() {

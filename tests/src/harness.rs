@@ -264,6 +264,7 @@ async fn delete_namespace(config: &AmqpConfig) {
                 .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())
                 .await;
         }
+        let _ = channel.close(200, "done".into()).await;
     }
     let _ = connection.close(200, "test finished".into()).await;
 }

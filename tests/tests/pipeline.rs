@@ -97,7 +97,8 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
     );
 
     // Timing from the rows, not from the test's clock: step one a delay after enrollment, each next step a delay
-    // after the previous one, nothing sent before it was due.
+    // after the previous one, nothing sent before it was due (two steps due within one scheduler tick may arrive
+    // in either order, so arrival order is not checked).
     assert!(
         rows[0].due_at - rows[0].enrolled_at >= ms(900),
         "step one is due too early: {rows:#?}"
@@ -120,8 +121,6 @@ async fn an_abandoned_checkout_receives_three_personal_emails_at_the_configured_
         );
         assert!(sent - row.due_at < ms(5000), "step {} was sent late: {row:?}", row.step);
     }
-    let arrival: Vec<i16> = messages.iter().map(|m| step_of(m, &rows)).collect();
-    assert_eq!(arrival, vec![1, 2, 3], "the steps arrived out of order: {rows:#?}");
 
     let steps = by_step(&messages, &rows);
     for (step, m) in &steps {

@@ -50,7 +50,11 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Outcome {
             Ok(e) => events.push(e),
             Err(e) => {
                 metrics::rejected("amqp", &e.field);
-                let at = if items.len() > 1 { format!("event {i}: ") } else { String::new() };
+                let at = if items.len() > 1 {
+                    format!("event {i}: ")
+                } else {
+                    String::new()
+                };
                 return Outcome::DeadLetter(format!("{at}{}: {}", e.field, e.reason));
             }
         }

@@ -52,7 +52,9 @@ const MAX_TEXT_LEN: usize = 2000;
 
 /// Validates one structured CloudEvent; the error names the first offending field as a JSON pointer.
 pub fn parse_event(value: &Value) -> Result<LeadEvent, FieldError> {
-    let obj = value.as_object().ok_or_else(|| bad("/", "an event must be a JSON object"))?;
+    let obj = value
+        .as_object()
+        .ok_or_else(|| bad("/", "an event must be a JSON object"))?;
 
     match obj.get("specversion") {
         Some(Value::String(v)) if v == "1.0" => {}
@@ -107,7 +109,10 @@ pub fn parse_event(value: &Value) -> Result<LeadEvent, FieldError> {
     }
     if let Some(language) = optional_string(&data, "language", 35)? {
         if !is_language_tag(&language) {
-            return Err(bad("/data/language", "must be a BCP 47 language tag such as en or de-AT"));
+            return Err(bad(
+                "/data/language",
+                "must be a BCP 47 language tag such as en or de-AT",
+            ));
         }
         profile.language = Some(language);
     }
@@ -210,9 +215,10 @@ fn required_string(obj: &Map<String, Value>, key: &str, field: &str, max: usize)
 fn optional_string(data: &Map<String, Value>, key: &str, max: usize) -> Result<Option<String>, FieldError> {
     match data.get(key) {
         None | Some(Value::Null) => Ok(None),
-        Some(Value::String(s)) if s.chars().count() > max => {
-            Err(bad(&format!("/data/{key}"), format!("must be at most {max} characters")))
-        }
+        Some(Value::String(s)) if s.chars().count() > max => Err(bad(
+            &format!("/data/{key}"),
+            format!("must be at most {max} characters"),
+        )),
         Some(Value::String(s)) if s.chars().any(|c| c.is_control()) => {
             Err(bad(&format!("/data/{key}"), "must not contain control characters"))
         }
@@ -283,9 +289,18 @@ mod tests {
         assert_eq!(field_of(valid(), |e| e["type"] = json!("checkout.left")), "/type");
         assert_eq!(field_of(valid(), |e| e["time"] = json!("yesterday")), "/time");
         assert_eq!(field_of(valid(), |e| e["data"] = json!([1])), "/data");
-        assert_eq!(field_of(valid(), |e| e["data"]["email"] = json!("not-an-email")), "/data/email");
-        assert_eq!(field_of(valid(), |e| e["data"]["country"] = json!("Germany")), "/data/country");
-        assert_eq!(field_of(valid(), |e| e["data"]["language"] = json!("deutsch!")), "/data/language");
+        assert_eq!(
+            field_of(valid(), |e| e["data"]["email"] = json!("not-an-email")),
+            "/data/email"
+        );
+        assert_eq!(
+            field_of(valid(), |e| e["data"]["country"] = json!("Germany")),
+            "/data/country"
+        );
+        assert_eq!(
+            field_of(valid(), |e| e["data"]["language"] = json!("deutsch!")),
+            "/data/language"
+        );
         assert_eq!(
             field_of(valid(), |e| e["data"]["product"]["price"] = json!(-1)),
             "/data/product/price"
@@ -294,8 +309,14 @@ mod tests {
             field_of(valid(), |e| e["data"]["product"]["url"] = json!("javascript:alert(1)")),
             "/data/product/url"
         );
-        assert_eq!(field_of(valid(), |e| e["data"]["amount"] = json!("lots")), "/data/amount");
-        assert_eq!(field_of(valid(), |e| e["data"]["currency"] = json!("euro")), "/data/currency");
+        assert_eq!(
+            field_of(valid(), |e| e["data"]["amount"] = json!("lots")),
+            "/data/amount"
+        );
+        assert_eq!(
+            field_of(valid(), |e| e["data"]["currency"] = json!("euro")),
+            "/data/currency"
+        );
         assert_eq!(
             field_of(valid(), |e| e["data"]["first_name"] = json!("x".repeat(201))),
             "/data/first_name"

@@ -13,7 +13,11 @@ pub async fn hand_off(ctx: &Context, event_ids: &[i64]) {
         event_ids: event_ids.to_vec(),
     };
     if let Err(e) = ctx.publisher.publish(&message).await {
-        tracing::warn!(error = format!("{e:#}"), count = event_ids.len(), "hand-off to the scheduler failed; the sweep will retry");
+        tracing::warn!(
+            error = format!("{e:#}"),
+            count = event_ids.len(),
+            "hand-off to the scheduler failed; the sweep will retry"
+        );
         metrics::counter!("leadflow_ingest_handoff_failures_total").increment(1);
     }
 }

@@ -78,21 +78,18 @@ async fn accept(ctx: &Context, headers: &HeaderMap, body: &[u8]) -> Result<Respo
         let mut events = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             // Nothing of a batch is stored when one event is bad: the caller fixes it and resends the whole.
-            let event = parse_event(item).map_err(|e| {
-                Problem::invalid_field(format!("/{i}{}", e.field), e.reason.clone()).with_index(i)
-            })?;
+            let event = parse_event(item)
+                .map_err(|e| Problem::invalid_field(format!("/{i}{}", e.field), e.reason.clone()).with_index(i))?;
             events.push(event);
         }
         events
     } else {
         vec![parse_event(&value).map_err(|e| Problem::invalid_field(e.field.clone(), e.reason.clone()))?]
     };
-    let (accepted, duplicates) = store_and_hand_off(ctx, &events, "http")
-        .await
-        .map_err(|e| {
-            tracing::error!(error = format!("{e:#}"), "failed to store events");
-            Problem::unavailable("events could not be stored; retry later")
-        })?;
+    let (accepted, duplicates) = store_and_hand_off(ctx, &events, "http").await.map_err(|e| {
+        tracing::error!(error = format!("{e:#}"), "failed to store events");
+        Problem::unavailable("events could not be stored; retry later")
+    })?;
     Ok((
         StatusCode::ACCEPTED,
         Json(json!({ "accepted": accepted, "duplicates": duplicates })),
@@ -101,7 +98,11 @@ async fn accept(ctx: &Context, headers: &HeaderMap, body: &[u8]) -> Result<Respo
 }
 
 /// Stores events durably, then tells the scheduler. A failed hand-off is repaired by the scheduler's sweep.
-pub async fn store_and_hand_off(ctx: &Context, events: &[LeadEvent], via: &'static str) -> anyhow::Result<(usize, usize)> {
+pub async fn store_and_hand_off(
+    ctx: &Context,
+    events: &[LeadEvent],
+    via: &'static str,
+) -> anyhow::Result<(usize, usize)> {
     let stored = store::store_events(&ctx.pool, events).await?;
     for e in events {
         tracing::debug!(lead = %e.email, event.type = %e.event_type.as_str(), "event stored");

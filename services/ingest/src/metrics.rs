@@ -4,7 +4,8 @@ use std::time::Duration;
 
 pub fn accepted(via: &'static str, new: usize, duplicates: usize) {
     metrics::counter!("leadflow_ingest_events_total", "via" => via, "outcome" => "accepted").increment(new as u64);
-    metrics::counter!("leadflow_ingest_events_total", "via" => via, "outcome" => "duplicate").increment(duplicates as u64);
+    metrics::counter!("leadflow_ingest_events_total", "via" => via, "outcome" => "duplicate")
+        .increment(duplicates as u64);
 }
 
 /// `field` is a JSON pointer from a fixed vocabulary (plus batch indexes stripped), so labels stay bounded.

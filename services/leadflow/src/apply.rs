@@ -38,7 +38,10 @@ impl std::fmt::Display for ApplyReport {
 pub async fn apply_path(pool: &Pool, path: &Path) -> anyhow::Result<ApplyReport> {
     let (campaigns, templates) = read(path)?;
     if campaigns.is_empty() && templates.is_empty() {
-        anyhow::bail!("{}: no campaign files (*.yaml) or template folders (subject.hbs) found", path.display());
+        anyhow::bail!(
+            "{}: no campaign files (*.yaml) or template folders (subject.hbs) found",
+            path.display()
+        );
     }
     let mut client = pool.get().await.context("failed to connect to PostgreSQL")?;
     let tx = client.transaction().await?;
@@ -49,7 +52,15 @@ pub async fn apply_path(pool: &Pool, path: &Path) -> anyhow::Result<ApplyReport>
     let mut report = ApplyReport {
         templates: applied_templates
             .iter()
-            .map(|t| format!("{}/{} {} (version {})", t.name, t.language, t.change.as_str(), t.version))
+            .map(|t| {
+                format!(
+                    "{}/{} {} (version {})",
+                    t.name,
+                    t.language,
+                    t.change.as_str(),
+                    t.version
+                )
+            })
             .collect(),
         ..Default::default()
     };
@@ -96,7 +107,7 @@ fn collect_yaml(dir: &Path, out: &mut Vec<PathBuf>) -> anyhow::Result<()> {
 }
 
 async fn check_templates_exist(tx: &impl deadpool_postgres::GenericClient, campaign: &Campaign) -> anyhow::Result<()> {
-    for (i, step) in campaign.steps.iter().enumerate() {
+    for (i, step) in campaign.variants.iter().flat_map(|v| v.steps.iter().enumerate()) {
         let exists = tx
             .query_opt("SELECT 1 FROM templates WHERE name = $1 LIMIT 1", &[&step.template])
             .await?

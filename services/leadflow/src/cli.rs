@@ -14,7 +14,11 @@ use leadflow_shared::{db, service, telemetry};
 use crate::Component;
 
 #[derive(Parser)]
-#[command(name = "leadflow", version, about = "Lead nurturing: events in, timed follow-up emails out")]
+#[command(
+    name = "leadflow",
+    version,
+    about = "Lead nurturing: events in, timed follow-up emails out"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -123,7 +127,14 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             telemetry::init_logging(&config.log);
             let pool = db::pool(&config.database)?;
             let applied = db::migrate(&pool).await?;
-            println!("migrations applied: {}", if applied.is_empty() { "none (up to date)".to_string() } else { format!("{applied:?}") });
+            println!(
+                "migrations applied: {}",
+                if applied.is_empty() {
+                    "none (up to date)".to_string()
+                } else {
+                    format!("{applied:?}")
+                }
+            );
             let installed = crate::defaults::install(&pool).await?;
             for t in &installed.templates {
                 println!("default template {t} installed");
@@ -149,7 +160,13 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             match action {
                 CampaignAction::List => {
                     for c in leadflow_scheduler::campaigns::list(&client).await? {
-                        println!("{:<28} {:<9} {:<20} {}", c.name, c.status, c.lead_source, c.steps.join(" | "));
+                        println!(
+                            "{:<28} {:<9} {:<20} {}",
+                            c.name,
+                            c.status,
+                            c.lead_source,
+                            c.steps.join(" | ")
+                        );
                     }
                 }
                 CampaignAction::Activate { name } => {

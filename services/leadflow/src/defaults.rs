@@ -110,7 +110,7 @@ mod tests {
         assert_eq!(all.len(), 3);
         for c in &all {
             assert!(!c.active, "{} must be installed inactive", c.name);
-            for step in &c.steps {
+            for step in c.steps() {
                 for lang in ["en", "de"] {
                     assert!(
                         TEMPLATES.iter().any(|t| t.0 == step.template && t.1 == lang),

@@ -126,7 +126,11 @@ async fn drive(
             println!("\n{:<28} {:<20} {:>4}  outcome", "lead", "campaign", "step");
             for (email, campaign, step, state, reason) in &states {
                 let masked = leadflow_shared::domain::mask_email(email);
-                let reason = if reason.is_empty() { String::new() } else { format!(" ({reason})") };
+                let reason = if reason.is_empty() {
+                    String::new()
+                } else {
+                    format!(" ({reason})")
+                };
                 println!("{masked:<28} {campaign:<20} {step:>4}  {state}{reason}");
             }
             let sent = states.iter().filter(|s| s.3 == "sent").count();

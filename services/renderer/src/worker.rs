@@ -346,13 +346,13 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
                     l.email, l.first_name, l.last_name, l.country, l.language, l.attributes,
                     e.status, e.reason, e.product,
                     c.name, c.language,
-                    (SELECT count(*) FROM campaign_steps n WHERE n.campaign_id = d.campaign_id) AS steps,
+                    (SELECT count(*) FROM deliveries n WHERE n.enrollment_id = d.enrollment_id) AS steps,
                     s.discount_percent, s.template, l.suppressed_reason
                FROM deliveries d
                JOIN leads l ON l.id = d.lead_id
                JOIN enrollments e ON e.id = d.enrollment_id
                JOIN campaigns c ON c.id = d.campaign_id
-               LEFT JOIN campaign_steps s ON s.campaign_id = d.campaign_id AND s.step = d.step
+               LEFT JOIN campaign_steps s ON s.campaign_id = d.campaign_id AND s.variant = d.variant AND s.step = d.step
               WHERE d.id = ANY($1)
               ORDER BY d.id
                 FOR UPDATE OF d",

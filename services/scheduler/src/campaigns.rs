@@ -47,7 +47,83 @@ pub struct CampaignSpec {
     /// Steps without a template use the built-in default template of the lead source.
     #[serde(default)]
     pub use_default_template: bool,
+    /// The follow-ups (1 to 3) of a campaign without an A/B test: variant "A".
+    #[serde(default)]
     pub steps: Vec<StepSpec>,
+    /// Several follow-up blocks, each lead assigned one deterministically by weight (instead of `steps`).
+    #[serde(default)]
+    pub variants: Vec<VariantSpec>,
+    /// Percent of enrolled leads (0 to 50) that receive nothing: the control group for incremental lift.
+    #[serde(default)]
+    pub holdout_percent: u8,
+    /// When the A/B test ends and what happens then.
+    #[serde(default)]
+    pub ab_test: Option<AbTestSpec>,
+    /// When follow-ups may go out, in the lead's time zone (the window's own zone when the lead has none).
+    #[serde(default)]
+    pub send_window: Option<SendWindow>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VariantSpec {
+    pub name: String,
+    #[serde(default = "default_weight")]
+    pub weight: u32,
+    pub steps: Vec<StepSpec>,
+}
+
+fn default_weight() -> u32 {
+    1
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AbTestSpec {
+    pub end: AbEnd,
+    /// When the test ends, later enrollments get only the winning variant.
+    #[serde(default)]
+    pub keep_best: bool,
+}
+
+/// The end criterion of an A/B test: exactly one of these is set.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AbEnd {
+    /// The first variant to reach this many conversions wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversions: Option<u32>,
+    /// The first variant whose conversion rate (converted / targeted) reaches this (0 to 1) wins,
+    /// counted once it has `min_leads` leads.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub conversion_rate: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub min_leads: Option<u32>,
+    /// The first variant whose attributed revenue in `currency` reaches this wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revenue: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub currency: Option<String>,
+    /// The test ends when this many unique leads were enrolled; the best conversion rate wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub leads: Option<u32>,
+    /// The test ends at this time (RFC 3339); the best conversion rate wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<chrono::DateTime<chrono::Utc>>,
+}
+
+/// Allowed sending hours: `start` to `end` (`HH:MM`, 24 h; `end` before `start` spans midnight) on `days`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SendWindow {
+    pub start: String,
+    pub end: String,
+    /// `mon` .. `sun`; empty: every day.
+    #[serde(default)]
+    pub days: Vec<String>,
+    /// IANA zone used when the lead has none; default UTC.
+    #[serde(default)]
+    pub timezone: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -61,6 +137,9 @@ pub struct StepSpec {
     /// May be left out when the campaign sets `use_default_template`.
     #[serde(default)]
     pub template: Option<String>,
+    /// A per-lead discount code: `generated` at render time, or drawn from an uploaded `pool`.
+    #[serde(default)]
+    pub code: Option<String>,
 }
 
 fn default_status() -> String {
@@ -87,6 +166,23 @@ pub struct Campaign {
     pub bcc: Option<String>,
     pub override_coupons: bool,
     pub use_default_template: bool,
+    pub variants: Vec<Variant>,
+    pub holdout_percent: u8,
+    pub ab_test: Option<AbTestSpec>,
+    pub send_window: Option<SendWindow>,
+}
+
+impl Campaign {
+    /// The steps of the first variant (the only one when the campaign runs no test).
+    pub fn steps(&self) -> &[Step] {
+        self.variants.first().map(|v| v.steps.as_slice()).unwrap_or_default()
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Variant {
+    pub name: String,
+    pub weight: u32,
     pub steps: Vec<Step>,
 }
 
@@ -103,6 +199,8 @@ pub struct Step {
     pub delay: Duration,
     pub discount: u8,
     pub template: String,
+    /// `generated` or `pool`.
+    pub code: Option<String>,
 }
 
 impl CampaignSpec {
@@ -122,36 +220,105 @@ impl CampaignSpec {
             "all" => None,
             other => Some(LeadSource::parse(other).with_context(|| ctx("lead_source"))?),
         };
-        if self.steps.is_empty() || self.steps.len() > MAX_STEPS {
-            anyhow::bail!("{}: a campaign has 1 to {MAX_STEPS} steps, this one has {}", ctx("steps"), self.steps.len());
-        }
-        let mut steps = Vec::new();
-        for (i, s) in self.steps.iter().enumerate() {
-            let at = |f: &str| ctx(&format!("steps[{i}].{f}"));
-            let delay = parse_delay(&s.delay).with_context(|| at("delay"))?;
-            if s.discount > 100 {
-                anyhow::bail!("{}: must be 0 to 100", at("discount"));
-            }
-            let template = match (&s.template, self.use_default_template) {
-                (Some(t), _) => t.trim().to_string(),
-                (None, true) => default_template(lead_source),
-                (None, false) => anyhow::bail!(
-                    "{}: is required (or set use_default_template: true on the campaign)",
-                    at("template")
-                ),
-            };
-            if template.is_empty()
-                || !template
-                    .chars()
-                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+        let blocks: Vec<(String, u32, &[StepSpec], String)> = match (self.steps.is_empty(), self.variants.is_empty()) {
+            (false, true) => vec![("A".to_string(), 1, &self.steps[..], "steps".to_string())],
+            (true, false) => self
+                .variants
+                .iter()
+                .enumerate()
+                .map(|(i, v)| {
+                    (
+                        v.name.trim().to_string(),
+                        v.weight,
+                        &v.steps[..],
+                        format!("variants[{i}].steps"),
+                    )
+                })
+                .collect(),
+            (false, false) => anyhow::bail!("{}: give either steps or variants, not both", ctx("steps")),
+            (true, true) => anyhow::bail!("{}: a campaign needs 1 to {MAX_STEPS} steps", ctx("steps")),
+        };
+        let mut variants = Vec::new();
+        for (vi, (vname, weight, specs, path)) in blocks.iter().enumerate() {
+            if vname.is_empty()
+                || vname.len() > 32
+                || !vname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                anyhow::bail!("{}: use lower-case letters, digits, '-' and '_'", at("template"));
+                anyhow::bail!(
+                    "{}: a variant name of 1 to 32 letters, digits, '-' or '_'",
+                    ctx(&format!("variants[{vi}].name"))
+                );
             }
-            steps.push(Step {
-                delay,
-                discount: s.discount,
-                template,
+            if variants.iter().any(|v: &Variant| v.name == *vname) {
+                anyhow::bail!(
+                    "{}: variant {vname:?} is defined twice",
+                    ctx(&format!("variants[{vi}].name"))
+                );
+            }
+            if *weight == 0 || *weight > 10_000 {
+                anyhow::bail!("{}: must be 1 to 10000", ctx(&format!("variants[{vi}].weight")));
+            }
+            if specs.is_empty() || specs.len() > MAX_STEPS {
+                anyhow::bail!(
+                    "{}: a campaign has 1 to {MAX_STEPS} steps, this one has {}",
+                    ctx(path),
+                    specs.len()
+                );
+            }
+            let mut steps = Vec::new();
+            for (i, s) in specs.iter().enumerate() {
+                let at = |f: &str| ctx(&format!("{path}[{i}].{f}"));
+                let delay = parse_delay(&s.delay).with_context(|| at("delay"))?;
+                if delay.subsec_nanos() != 0 {
+                    anyhow::bail!("{}: whole seconds at least (e.g. 30s, 2h)", at("delay"));
+                }
+                if s.discount > 100 {
+                    anyhow::bail!("{}: must be 0 to 100", at("discount"));
+                }
+                let template = match (&s.template, self.use_default_template) {
+                    (Some(t), _) => t.trim().to_string(),
+                    (None, true) => default_template(lead_source),
+                    (None, false) => anyhow::bail!(
+                        "{}: is required (or set use_default_template: true on the campaign)",
+                        at("template")
+                    ),
+                };
+                if template.is_empty()
+                    || !template
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
+                {
+                    anyhow::bail!("{}: use lower-case letters, digits, '-' and '_'", at("template"));
+                }
+                let code = match s.code.as_deref() {
+                    None => None,
+                    Some(c @ ("generated" | "pool")) => Some(c.to_string()),
+                    Some(other) => anyhow::bail!("{}: expected generated or pool, got {other:?}", at("code")),
+                };
+                steps.push(Step {
+                    delay,
+                    discount: s.discount,
+                    template,
+                    code,
+                });
+            }
+            variants.push(Variant {
+                name: vname.clone(),
+                weight: *weight,
+                steps,
             });
+        }
+        if self.holdout_percent > 50 {
+            anyhow::bail!("{}: must be 0 to 50", ctx("holdout_percent"));
+        }
+        if let Some(test) = &self.ab_test {
+            if variants.len() < 2 {
+                anyhow::bail!("{}: an A/B test needs at least two variants", ctx("ab_test"));
+            }
+            validate_end(&test.end).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("ab_test.end")))?;
+        }
+        if let Some(w) = &self.send_window {
+            validate_window(w).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("send_window")))?;
         }
         if self.description.chars().count() > 2000 {
             anyhow::bail!("{}: at most 2000 characters", ctx("description"));
@@ -176,7 +343,10 @@ impl CampaignSpec {
         for (i, c) in self.countries.iter().enumerate() {
             let c = c.trim().to_ascii_uppercase();
             if c.len() != 2 || !c.chars().all(|c| c.is_ascii_uppercase()) {
-                anyhow::bail!("{}: an ISO 3166-1 alpha-2 code such as DE", ctx(&format!("countries[{i}]")));
+                anyhow::bail!(
+                    "{}: an ISO 3166-1 alpha-2 code such as DE",
+                    ctx(&format!("countries[{i}]"))
+                );
             }
             countries.push(c);
         }
@@ -212,9 +382,81 @@ impl CampaignSpec {
             bcc,
             override_coupons: self.override_coupons,
             use_default_template: self.use_default_template,
-            steps,
+            variants,
+            holdout_percent: self.holdout_percent,
+            ab_test: self.ab_test.clone(),
+            send_window: self.send_window.clone(),
         })
     }
+}
+
+fn validate_end(end: &AbEnd) -> Result<(), String> {
+    let set = [
+        end.conversions.is_some(),
+        end.conversion_rate.is_some(),
+        end.revenue.is_some(),
+        end.leads.is_some(),
+        end.until.is_some(),
+    ]
+    .iter()
+    .filter(|s| **s)
+    .count();
+    if set != 1 {
+        return Err("give exactly one of conversions, conversion_rate, revenue, leads, until".into());
+    }
+    if end.conversions == Some(0) || end.leads == Some(0) {
+        return Err("a count must be at least 1".into());
+    }
+    if let Some(rate) = end.conversion_rate {
+        if !(rate > 0.0 && rate <= 1.0) {
+            return Err("conversion_rate is a fraction above 0 and at most 1 (0.05 = 5%)".into());
+        }
+    }
+    if let Some(revenue) = end.revenue {
+        if !(revenue > 0.0 && revenue.is_finite()) {
+            return Err("revenue must be above 0".into());
+        }
+        match end.currency.as_deref() {
+            Some(c) if c.len() == 3 && c.chars().all(|c| c.is_ascii_uppercase()) => {}
+            _ => return Err("revenue needs its currency (ISO 4217, e.g. EUR)".into()),
+        }
+    }
+    Ok(())
+}
+
+/// Parses `HH:MM` into minutes after midnight.
+pub fn parse_clock(raw: &str) -> Result<u32, String> {
+    let (h, m) = raw
+        .trim()
+        .split_once(':')
+        .ok_or_else(|| format!("{raw:?} is not HH:MM"))?;
+    let h: u32 = h.parse().map_err(|_| format!("{raw:?} is not HH:MM"))?;
+    let m: u32 = m.parse().map_err(|_| format!("{raw:?} is not HH:MM"))?;
+    if h > 24 || m > 59 || (h == 24 && m > 0) {
+        return Err(format!("{raw:?} is not a time of day"));
+    }
+    Ok(h * 60 + m)
+}
+
+pub const WEEKDAYS: [&str; 7] = ["mon", "tue", "wed", "thu", "fri", "sat", "sun"];
+
+fn validate_window(w: &SendWindow) -> Result<(), String> {
+    let start = parse_clock(&w.start).map_err(|e| format!("start: {e}"))?;
+    let end = parse_clock(&w.end).map_err(|e| format!("end: {e}"))?;
+    if start == end {
+        return Err("start and end are equal: the window would be empty".into());
+    }
+    for d in &w.days {
+        if !WEEKDAYS.contains(&d.to_ascii_lowercase().as_str()) {
+            return Err(format!("days: {d:?} is not one of mon, tue, wed, thu, fri, sat, sun"));
+        }
+    }
+    if let Some(tz) = &w.timezone {
+        if tz.parse::<chrono_tz::Tz>().is_err() {
+            return Err(format!("timezone: {tz:?} is not an IANA time zone"));
+        }
+    }
+    Ok(())
 }
 
 /// A file holds one campaign, or several under `campaigns:`.
@@ -222,7 +464,7 @@ impl CampaignSpec {
 #[serde(untagged)]
 enum CampaignFile {
     Many { campaigns: Vec<CampaignSpec> },
-    One(CampaignSpec),
+    One(Box<CampaignSpec>),
 }
 
 /// Reads and validates the campaigns of one YAML or JSON file.
@@ -235,7 +477,7 @@ pub fn parse(text: &str) -> anyhow::Result<Vec<Campaign>> {
     let file: CampaignFile = serde_yaml_ng::from_str(text).map_err(|e| anyhow::anyhow!("not a valid campaign: {e}"))?;
     let specs = match file {
         CampaignFile::Many { campaigns } => campaigns,
-        CampaignFile::One(spec) => vec![spec],
+        CampaignFile::One(spec) => vec![*spec],
     };
     specs.iter().map(CampaignSpec::validate).collect()
 }
@@ -253,25 +495,39 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
     let status = if campaign.active { "active" } else { "inactive" };
     let source = campaign.lead_source.map(LeadSource::as_str);
     let c = campaign;
+    let ab_end = c.ab_test.as_ref().map(|t| serde_json::to_value(&t.end)).transpose()?;
+    let send_window = c.send_window.as_ref().map(serde_json::to_value).transpose()?;
     let row = client
         .query_one(
             "INSERT INTO campaigns (name, status, lead_source, language, description, products, languages, countries,
-                                    notify_url, bcc, override_coupons, use_default_template)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
+                                    notify_url, bcc, override_coupons, use_default_template,
+                                    holdout_percent, ab_end, ab_keep_best, send_window)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
              ON CONFLICT (name) DO UPDATE SET
                  status = EXCLUDED.status, lead_source = EXCLUDED.lead_source, language = EXCLUDED.language,
                  description = EXCLUDED.description, products = EXCLUDED.products, languages = EXCLUDED.languages,
                  countries = EXCLUDED.countries, notify_url = EXCLUDED.notify_url, bcc = EXCLUDED.bcc,
                  override_coupons = EXCLUDED.override_coupons, use_default_template = EXCLUDED.use_default_template,
+                 holdout_percent = EXCLUDED.holdout_percent, ab_keep_best = EXCLUDED.ab_keep_best,
+                 send_window = EXCLUDED.send_window, ab_end = EXCLUDED.ab_end,
+                 -- a new end criterion starts the test over
+                 ab_winner = CASE WHEN campaigns.ab_end IS NOT DISTINCT FROM EXCLUDED.ab_end
+                                  THEN campaigns.ab_winner END,
+                 ab_ended_at = CASE WHEN campaigns.ab_end IS NOT DISTINCT FROM EXCLUDED.ab_end
+                                    THEN campaigns.ab_ended_at END,
                  updated_at = CASE WHEN (campaigns.status, campaigns.lead_source, campaigns.language,
                                          campaigns.description, campaigns.products, campaigns.languages,
                                          campaigns.countries, campaigns.notify_url, campaigns.bcc,
-                                         campaigns.override_coupons, campaigns.use_default_template)
+                                         campaigns.override_coupons, campaigns.use_default_template,
+                                         campaigns.holdout_percent, campaigns.ab_end, campaigns.ab_keep_best,
+                                         campaigns.send_window)
                                         IS NOT DISTINCT FROM
                                         (EXCLUDED.status, EXCLUDED.lead_source, EXCLUDED.language,
                                          EXCLUDED.description, EXCLUDED.products, EXCLUDED.languages,
                                          EXCLUDED.countries, EXCLUDED.notify_url, EXCLUDED.bcc,
-                                         EXCLUDED.override_coupons, EXCLUDED.use_default_template)
+                                         EXCLUDED.override_coupons, EXCLUDED.use_default_template,
+                                         EXCLUDED.holdout_percent, EXCLUDED.ab_end, EXCLUDED.ab_keep_best,
+                                         EXCLUDED.send_window)
                                    THEN campaigns.updated_at ELSE now() END
              RETURNING id, (xmax = 0) AS created, updated_at = now() AS changed",
             &[
@@ -287,6 +543,10 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
                 &c.bcc,
                 &c.override_coupons,
                 &c.use_default_template,
+                &(c.holdout_percent as i16),
+                &ab_end,
+                &c.ab_test.as_ref().is_some_and(|t| t.keep_best),
+                &send_window,
             ],
         )
         .await?;
@@ -298,31 +558,68 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
     } else {
         Applied::Unchanged
     };
-    let current: Vec<(i16, i64, i16, String)> = client
+    type StepRow = (String, i16, i64, i16, String, Option<String>);
+    let current: Vec<StepRow> = client
         .query(
-            "SELECT step, delay_seconds, discount_percent, template FROM campaign_steps WHERE campaign_id = $1 ORDER BY step",
+            "SELECT variant, step, delay_seconds, discount_percent, template, code_source
+             FROM campaign_steps WHERE campaign_id = $1 ORDER BY variant, step",
             &[&id],
         )
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3), r.get(4), r.get(5)))
         .collect();
-    let wanted: Vec<(i16, i64, i16, String)> = campaign
-        .steps
+    let mut wanted: Vec<StepRow> = Vec::new();
+    for v in &campaign.variants {
+        for (i, s) in v.steps.iter().enumerate() {
+            wanted.push((
+                v.name.clone(),
+                i as i16 + 1,
+                s.delay.as_secs() as i64,
+                s.discount as i16,
+                s.template.clone(),
+                s.code.clone(),
+            ));
+        }
+    }
+    wanted.sort();
+    let current_variants: Vec<(String, i32)> = client
+        .query(
+            "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
+            &[&id],
+        )
+        .await?
         .iter()
-        .enumerate()
-        .map(|(i, s)| (i as i16 + 1, s.delay.as_secs() as i64, s.discount as i16, s.template.clone()))
+        .map(|r| (r.get(0), r.get(1)))
         .collect();
-    if current != wanted {
+    let mut wanted_variants: Vec<(String, i32)> = campaign
+        .variants
+        .iter()
+        .map(|v| (v.name.clone(), v.weight as i32))
+        .collect();
+    wanted_variants.sort();
+    if current != wanted || current_variants != wanted_variants {
         client
             .execute("DELETE FROM campaign_steps WHERE campaign_id = $1", &[&id])
             .await?;
-        for (step, delay, discount, template) in &wanted {
+        client
+            .execute("DELETE FROM campaign_variants WHERE campaign_id = $1", &[&id])
+            .await?;
+        for (name, weight) in &wanted_variants {
             client
                 .execute(
-                    "INSERT INTO campaign_steps (campaign_id, step, delay_seconds, discount_percent, template)
-                     VALUES ($1, $2, $3, $4, $5)",
-                    &[&id, step, delay, discount, template],
+                    "INSERT INTO campaign_variants (campaign_id, name, weight) VALUES ($1, $2, $3)",
+                    &[&id, name, weight],
+                )
+                .await?;
+        }
+        for (variant, step, delay, discount, template, code) in &wanted {
+            client
+                .execute(
+                    "INSERT INTO campaign_steps (campaign_id, variant, step, delay_seconds, discount_percent, template,
+                                                 code_source)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7)",
+                    &[&id, variant, step, delay, discount, template, code],
                 )
                 .await?;
         }
@@ -351,7 +648,8 @@ pub async fn list(client: &impl GenericClient) -> anyhow::Result<Vec<CampaignRow
     let rows = client
         .query(
             "SELECT c.id, c.name, c.status, coalesce(c.lead_source, 'all'),
-                    coalesce(array_agg(s.delay_seconds || ':' || s.discount_percent || ':' || s.template ORDER BY s.step)
+                    coalesce(array_agg(s.delay_seconds || ':' || s.discount_percent || ':' || s.variant || '/' || s.template
+                                       ORDER BY s.variant, s.step)
                              FILTER (WHERE s.step IS NOT NULL), '{}')
              FROM campaigns c LEFT JOIN campaign_steps s ON s.campaign_id = c.id
              GROUP BY c.id ORDER BY c.name",
@@ -374,10 +672,7 @@ pub async fn list(client: &impl GenericClient) -> anyhow::Result<Vec<CampaignRow
                         let delay = parts.next().and_then(|d| d.parse().ok()).unwrap_or(0);
                         let discount = parts.next().unwrap_or("0");
                         let template = parts.next().unwrap_or("");
-                        format!(
-                            "{} {template} {discount}%",
-                            format_delay(Duration::from_secs(delay))
-                        )
+                        format!("{} {template} {discount}%", format_delay(Duration::from_secs(delay)))
                     })
                     .collect(),
             }
@@ -438,17 +733,15 @@ steps:
         let c = &parse(GOOD).unwrap()[0];
         assert!(c.active);
         assert_eq!(c.lead_source, Some(LeadSource::CheckoutAbandoned));
-        assert_eq!(c.steps[1].delay, Duration::from_secs(86_400));
-        assert_eq!(c.steps[1].discount, 10);
+        assert_eq!(c.steps()[1].delay, Duration::from_secs(86_400));
+        assert_eq!(c.steps()[1].discount, 10);
         assert_eq!(c.language, "en");
     }
 
     #[test]
     fn several_campaigns_per_file() {
-        let text = format!(
-            "campaigns:\n  - name: a\n    lead_source: all\n    steps: [{{delay: 1s, template: t}}]\n  - name: b\n    lead_source: trial.started\n    status: inactive\n    steps: [{{delay: 2m, template: t}}]\n"
-        );
-        let all = parse(&text).unwrap();
+        let text = "campaigns:\n  - name: a\n    lead_source: all\n    steps: [{delay: 1s, template: t}]\n  - name: b\n    lead_source: trial.started\n    status: inactive\n    steps: [{delay: 2m, template: t}]\n";
+        let all = parse(text).unwrap();
         assert_eq!(all.len(), 2);
         assert_eq!(all[0].lead_source, None);
         assert!(!all[1].active);
@@ -456,8 +749,7 @@ steps:
 
     #[test]
     fn rules_are_enforced_with_the_field_named() {
-        let four = GOOD.to_string()
-            + "  - { delay: 1d, template: a }\n  - { delay: 1d, template: b }\n";
+        let four = GOOD.to_string() + "  - { delay: 1d, template: a }\n  - { delay: 1d, template: b }\n";
         assert!(format!("{:#}", parse(&four).unwrap_err()).contains("1 to 3 steps"));
         let bad_delay = GOOD.replace("1h", "1 hour");
         assert!(format!("{:#}", parse(&bad_delay).unwrap_err()).contains("steps[0].delay"));
@@ -467,5 +759,51 @@ steps:
         assert!(format!("{:#}", parse(&bad_discount).unwrap_err()).contains("discount"));
         let unknown = GOOD.to_string() + "colour: red\n";
         assert!(parse(&unknown).is_err());
+    }
+
+    const AB: &str = "
+name: ab
+lead_source: all
+holdout_percent: 10
+ab_test: { end: { conversions: 20 }, keep_best: true }
+send_window: { start: '09:00', end: '20:00', days: [mon, tue], timezone: Europe/Berlin }
+variants:
+  - name: A
+    weight: 2
+    steps: [{ delay: 1h, template: a, code: generated }]
+  - name: B
+    steps: [{ delay: 2h, discount: 10, template: b, code: pool }]
+";
+
+    #[test]
+    fn variants_tests_and_windows_parse() {
+        let c = &parse(AB).unwrap()[0];
+        assert_eq!(c.variants.len(), 2);
+        assert_eq!(c.variants[0].weight, 2);
+        assert_eq!(c.variants[1].weight, 1);
+        assert_eq!(c.variants[1].steps[0].code.as_deref(), Some("pool"));
+        assert_eq!(c.holdout_percent, 10);
+        assert!(c.ab_test.as_ref().unwrap().keep_best);
+        assert_eq!(c.send_window.as_ref().unwrap().days, vec!["mon", "tue"]);
+    }
+
+    #[test]
+    fn bad_tests_and_windows_are_named() {
+        let err = |text: String| format!("{:#}", parse(&text).unwrap_err());
+        assert!(err(AB.replace("conversions: 20", "conversions: 20, leads: 5")).contains("ab_test.end"));
+        assert!(err(AB.replace("{ conversions: 20 }", "{ revenue: 100 }")).contains("currency"));
+        assert!(err(AB.replace("'20:00'", "'25:00'")).contains("send_window"));
+        assert!(err(AB.replace("Europe/Berlin", "Mars/Olympus")).contains("timezone"));
+        assert!(err(AB.replace("[mon, tue]", "[monday]")).contains("days"));
+        assert!(err(AB.replace("holdout_percent: 10", "holdout_percent: 60")).contains("holdout_percent"));
+        assert!(err(AB.replace("code: pool", "code: free")).contains("code"));
+        assert!(err(AB.replace("name: B", "name: A")).contains("twice"));
+        let one_variant = AB.replace(
+            "  - name: B\n    steps: [{ delay: 2h, discount: 10, template: b, code: pool }]\n",
+            "",
+        );
+        assert!(err(one_variant).contains("two variants"));
+        let both = AB.to_string() + "steps: [{ delay: 1h, template: a }]\n";
+        assert!(err(both).contains("not both"));
     }
 }

@@ -133,7 +133,8 @@ async fn enroll(
     let min_delay = settings::min_delay(tx, source).await?.as_secs_f64();
     let campaigns = tx
         .query(
-            "SELECT c.id FROM campaigns c JOIN leads l ON l.id = $2
+            "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END
+             FROM campaigns c JOIN leads l ON l.id = $2
              WHERE c.status = 'active'
                AND (c.lead_source IS NULL OR c.lead_source = $1)
                AND (cardinality(c.products) = 0 OR $3::text = ANY (c.products))
@@ -147,10 +148,30 @@ async fn enroll(
     let mut enrolled = 0;
     for campaign in campaigns {
         let campaign_id: i64 = campaign.get(0);
+        let holdout_percent: i16 = campaign.get(1);
+        let winner: Option<String> = campaign.get(2);
+        let holdout = in_holdout(lead_id, campaign_id, holdout_percent);
+        let variant = if holdout {
+            None
+        } else if let Some(w) = winner {
+            Some(w)
+        } else {
+            let variants: Vec<(String, i32)> = tx
+                .query(
+                    "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
+                    &[&campaign_id],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            pick_variant(lead_id, campaign_id, &variants)
+        };
         let inserted = tx
             .query_opt(
-                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id, product_sku)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
+                                          product_sku, variant, holdout)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (lead_id, campaign_id, subject) DO NOTHING
                  RETURNING id",
                 &[
@@ -162,6 +183,8 @@ async fn enroll(
                     &subject.checkout_id,
                     &subject.order_id,
                     &subject.product_sku,
+                    &variant,
+                    &holdout,
                 ],
             )
             .await?;
@@ -169,20 +192,53 @@ async fn enroll(
             continue; // already enrolled about this checkout / order / product
         };
         let enrollment_id: i64 = enrollment.get(0);
+        enrolled += 1;
+        metrics::enrolled();
+        let Some(variant) = variant else {
+            continue; // the holdout group receives nothing; its purchases measure the campaign's lift
+        };
         tx.execute(
-            "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at)
+            "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at, variant)
              SELECT $1, $2, $3, s.step,
                     now() + make_interval(secs => (sum(CASE WHEN s.step = 1 THEN greatest(s.delay_seconds::float8, $4)
                                                             ELSE s.delay_seconds::float8 END)
-                                                   OVER (ORDER BY s.step)))
-             FROM campaign_steps s WHERE s.campaign_id = $3",
-            &[&enrollment_id, &lead_id, &campaign_id, &min_delay],
+                                                   OVER (ORDER BY s.step))),
+                    s.variant
+             FROM campaign_steps s WHERE s.campaign_id = $3 AND s.variant = $5",
+            &[&enrollment_id, &lead_id, &campaign_id, &min_delay, &variant],
         )
         .await?;
-        enrolled += 1;
-        metrics::enrolled();
     }
     Ok(enrolled)
+}
+
+/// A stable 64-bit hash (FNV-1a), so a lead's variant and holdout membership never change between runs.
+fn stable_hash(text: &str) -> u64 {
+    text.bytes().fold(0xcbf2_9ce4_8422_2325, |h, b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// Whether the lead falls in the campaign's holdout group.
+pub fn in_holdout(lead_id: i64, campaign_id: i64, percent: i16) -> bool {
+    percent > 0 && (stable_hash(&format!("holdout:{campaign_id}:{lead_id}")) % 100) < percent as u64
+}
+
+/// The lead's variant, chosen deterministically in proportion to the weights.
+pub fn pick_variant(lead_id: i64, campaign_id: i64, variants: &[(String, i32)]) -> Option<String> {
+    let total: u64 = variants.iter().map(|(_, w)| (*w).max(0) as u64).sum();
+    if total == 0 {
+        return None;
+    }
+    let mut point = stable_hash(&format!("variant:{campaign_id}:{lead_id}")) % total;
+    for (name, weight) in variants {
+        let w = (*weight).max(0) as u64;
+        if point < w {
+            return Some(name.clone());
+        }
+        point -= w;
+    }
+    None
 }
 
 /// Ends the lead's active enrollments and cancels their open deliveries with `reason`. With a subject (a
@@ -236,7 +292,12 @@ impl Purchase {
             skus.push(sku.to_string());
         }
         if let Some(items) = data.get("products").and_then(Value::as_array) {
-            skus.extend(items.iter().filter_map(|p| p.get("sku").and_then(Value::as_str)).map(str::to_string));
+            skus.extend(
+                items
+                    .iter()
+                    .filter_map(|p| p.get("sku").and_then(Value::as_str))
+                    .map(str::to_string),
+            );
         }
         Self {
             checkout_id: data.get("checkout_id").and_then(Value::as_str).map(str::to_string),
@@ -246,7 +307,12 @@ impl Purchase {
 }
 
 /// Records the order and attributes it to the last follow-up the lead was sent within the attribution window.
-async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64, data: &Value) -> anyhow::Result<usize> {
+async fn record_conversion(
+    tx: &impl GenericClient,
+    lead_id: i64,
+    event_id: i64,
+    data: &Value,
+) -> anyhow::Result<usize> {
     let amount: Option<String> = match data.get("amount") {
         Some(Value::Number(n)) => Some(n.to_string()),
         Some(Value::String(s)) => Some(s.clone()),
@@ -257,11 +323,12 @@ async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64,
     let window = settings::attribution_window(tx).await?.as_secs_f64();
     let inserted = tx
         .execute(
-            "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step)
-             SELECT $1, $2, $3, CAST($4::text AS numeric), $5, d.id, d.campaign_id, d.step
+            "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step,
+                                      variant, enrollment_id)
+             SELECT $1, $2, $3, CAST($4::text AS numeric), $5, d.id, d.campaign_id, d.step, d.variant, d.enrollment_id
              FROM (SELECT 1) AS one
              LEFT JOIN LATERAL (
-                 SELECT id, campaign_id, step FROM deliveries
+                 SELECT id, campaign_id, step, variant, enrollment_id FROM deliveries
                  WHERE lead_id = $1 AND state = 'sent' AND sent_at >= now() - make_interval(secs => $6)
                  ORDER BY sent_at DESC LIMIT 1
              ) d ON true
@@ -273,4 +340,44 @@ async fn record_conversion(tx: &impl GenericClient, lead_id: i64, event_id: i64,
         metrics::converted();
     }
     Ok(inserted as usize)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn variants_follow_the_weights_and_stay_put() {
+        let variants = vec![("A".to_string(), 3), ("B".to_string(), 1)];
+        let mut a = 0;
+        for lead in 0..4000 {
+            let v = pick_variant(lead, 7, &variants).unwrap();
+            assert_eq!(
+                pick_variant(lead, 7, &variants).unwrap(),
+                v,
+                "assignment must be deterministic"
+            );
+            if v == "A" {
+                a += 1;
+            }
+        }
+        assert!((2800..3200).contains(&a), "A got {a} of 4000 with weight 3:1");
+        assert_eq!(pick_variant(1, 1, &[]), None);
+    }
+
+    #[test]
+    fn the_holdout_is_about_its_percentage() {
+        let held = (0..10_000).filter(|lead| in_holdout(*lead, 3, 10)).count();
+        assert!((800..1200).contains(&held), "{held} of 10000 held out at 10%");
+        assert!(!(0..100).any(|lead| in_holdout(lead, 3, 0)));
+    }
+
+    #[test]
+    fn subjects_key_enrollments() {
+        let s = Subject::of(&serde_json::json!({"checkout_id": "c1", "product": {"sku": "K"}}));
+        assert_eq!(s.key(), "checkout:c1");
+        let s = Subject::of(&serde_json::json!({"product": {"sku": "K"}}));
+        assert_eq!(s.key(), "product:K");
+        assert_eq!(Subject::of(&serde_json::json!({})).key(), "");
+    }
 }

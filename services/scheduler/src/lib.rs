@@ -3,9 +3,9 @@
 
 pub mod campaigns;
 pub mod consumer;
-pub mod stats;
 pub mod enroll;
 mod metrics;
+pub mod stats;
 pub mod timer;
 
 use tokio_util::sync::CancellationToken;

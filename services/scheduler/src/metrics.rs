@@ -32,7 +32,10 @@ pub fn lease_expired(requeued: usize, uncertain: usize) {
     metrics::counter!("leadflow_scheduler_requeued_total").increment(requeued as u64);
     metrics::counter!("leadflow_scheduler_uncertain_total").increment(uncertain as u64);
     if uncertain > 0 {
-        tracing::error!(count = uncertain, "deliveries left uncertain: the SMTP outcome is unknown; check them by hand");
+        tracing::error!(
+            count = uncertain,
+            "deliveries left uncertain: the SMTP outcome is unknown; check them by hand"
+        );
     }
 }
 

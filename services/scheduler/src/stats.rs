@@ -80,7 +80,11 @@ pub async fn campaign_stats(client: &impl GenericClient) -> anyhow::Result<Vec<S
                 failed: r.get(7),
                 uncertain: r.get(8),
                 conversions,
-                conversion_rate: if targeted > 0 { conversions as f64 / targeted as f64 } else { 0.0 },
+                conversion_rate: if targeted > 0 {
+                    conversions as f64 / targeted as f64
+                } else {
+                    0.0
+                },
                 value: r.get(10),
             }
         })
@@ -91,7 +95,17 @@ pub async fn campaign_stats(client: &impl GenericClient) -> anyhow::Result<Vec<S
 pub fn table(rows: &[StepStats]) -> String {
     let mut out = format!(
         "{:<28} {:>7} {:>8} {:>6} {:>5} {:>9} {:>7} {:>6} {:>9} {:>9} {:>7}  value\n",
-        "campaign", "step", "targeted", "sent", "open", "cancelled", "bounced", "failed", "uncertain", "converted", "rate"
+        "campaign",
+        "step",
+        "targeted",
+        "sent",
+        "open",
+        "cancelled",
+        "bounced",
+        "failed",
+        "uncertain",
+        "converted",
+        "rate"
     );
     for r in rows {
         let step = r.step.map_or("overall".to_string(), |s| s.to_string());
