@@ -107,7 +107,7 @@ for name, d in objects:
 
 configmaps = {d["metadata"]["name"]: d for _, d in by_kind.get("ConfigMap", [])}
 secrets = {d["metadata"]["name"]: d for _, d in by_kind.get("Secret", [])}
-secret_keys = {"LEADFLOW_DATABASE_URL", "LEADFLOW_AMQP_URL", "LEADFLOW_SMTP_URL"}
+secret_keys = {"LEADFLOW_DATABASE_URL", "LEADFLOW_AMQP_URL", "LEADFLOW_SMTP_URL", "LEADFLOW_NOTIFY_SECRET"}
 
 for cm_name, cm in configmaps.items():
     data = cm.get("data", {})
@@ -164,7 +164,7 @@ def check_pod(where, spec, containers_expect_args):
 
 
 deployments = by_kind.get("Deployment", [])
-expected = {"ingest", "scheduler", "renderer", "sender"}
+expected = {"ingest", "scheduler", "renderer", "sender", "api"}
 seen = set()
 for name, d in deployments:
     dname = d["metadata"]["name"]
@@ -205,15 +205,15 @@ if seen != expected:
 ok(f"k8s: {len(deployments)} Deployments have probes, resources, securityContext and the right args")
 
 services = by_kind.get("Service", [])
-if [d["metadata"]["name"] for _, d in services] != ["leadflow-ingest"]:
-    fail(f"k8s: only ingest should have a Service, found {[d['metadata']['name'] for _, d in services]}")
+if sorted(d["metadata"]["name"] for _, d in services) != ["leadflow-api", "leadflow-ingest"]:
+    fail(f"k8s: only ingest and api should have a Service, found {[d['metadata']['name'] for _, d in services]}")
 for name, s in services:
     sel = s["spec"].get("selector", {})
     targets = [d for _, d in deployments
                if all(d["spec"]["template"]["metadata"]["labels"].get(k) == v for k, v in sel.items())]
-    if [t["metadata"]["name"] for t in targets] != ["leadflow-ingest"]:
-        fail(f"k8s/{name}: selector {sel} should select exactly the ingest pods")
-ok("k8s: Service selects the ingest pods")
+    if [t["metadata"]["name"] for t in targets] != [s["metadata"]["name"]]:
+        fail(f"k8s/{name}: selector {sel} should select exactly the {s['metadata']['name']} pods")
+ok("k8s: each Service selects the pods of its own Deployment")
 
 jobs = by_kind.get("Job", [])
 if len(jobs) != 1:

@@ -96,6 +96,7 @@ pub struct Config {
     pub http: HttpConfig,
     pub scheduler: SchedulerConfig,
     pub sender: SenderConfig,
+    pub notify: NotifyConfig,
     pub log: LogConfig,
 }
 
@@ -185,6 +186,20 @@ pub struct SenderConfig {
     pub max_attempts: i32,
     /// `LEADFLOW_RETRY_BASE`: first retry delay; each further attempt doubles it.
     pub retry_base: Duration,
+}
+
+/// Instant lead notifications: signed JSON POSTs to a campaign's `notify_url`.
+#[derive(Debug, Clone)]
+pub struct NotifyConfig {
+    /// `LEADFLOW_NOTIFY_SECRET`: the HMAC-SHA256 key of `X-Leadflow-Signature`. Unset: notifications fail
+    /// (they are never sent unsigned).
+    pub secret: Option<SecretString>,
+    /// `LEADFLOW_NOTIFY_RETRY_BASE`: wait after the first failed attempt; each further failure doubles it.
+    pub retry_base: Duration,
+    /// `LEADFLOW_NOTIFY_MAX_ATTEMPTS`: attempts before a notification is given up as failed.
+    pub max_attempts: i32,
+    /// `LEADFLOW_NOTIFY_TIMEOUT`: an endpoint slower than this to answer counts as a failed attempt.
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -289,6 +304,21 @@ impl Config {
             retry_base: src.duration("LEADFLOW_RETRY_BASE", Duration::from_secs(30))?,
         };
 
+        let notify = NotifyConfig {
+            secret: src
+                .get("LEADFLOW_NOTIFY_SECRET")
+                .map(|s| SecretString::from(s.to_string())),
+            retry_base: src.duration("LEADFLOW_NOTIFY_RETRY_BASE", Duration::from_secs(30))?,
+            max_attempts: src.positive("LEADFLOW_NOTIFY_MAX_ATTEMPTS", 8)?.min(i32::MAX as usize) as i32,
+            timeout: src.duration("LEADFLOW_NOTIFY_TIMEOUT", Duration::from_secs(10))?,
+        };
+        if notify.timeout.is_zero() {
+            return Err(ConfigError {
+                var: "LEADFLOW_NOTIFY_TIMEOUT".into(),
+                reason: "must be longer than zero".into(),
+            });
+        }
+
         let log = LogConfig {
             format: match src.string("LEADFLOW_LOG_FORMAT", "json").as_str() {
                 "json" => LogFormat::Json,
@@ -310,6 +340,7 @@ impl Config {
             http,
             scheduler,
             sender,
+            notify,
             log,
         })
     }
@@ -394,6 +425,11 @@ mod tests {
 
         let src = Source::from_pairs([("LEADFLOW_SCHEDULER_TICK", "soon")]);
         assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_SCHEDULER_TICK");
+
+        let src = Source::from_pairs([("LEADFLOW_NOTIFY_RETRY_BASE", "later")]);
+        assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_NOTIFY_RETRY_BASE");
+        let src = Source::from_pairs([("LEADFLOW_NOTIFY_MAX_ATTEMPTS", "0")]);
+        assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_NOTIFY_MAX_ATTEMPTS");
     }
 
     #[test]

@@ -14,6 +14,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (1, "pipeline", include_str!("../migrations/0001_pipeline.sql")),
     (2, "campaigns", include_str!("../migrations/0002_campaigns.sql")),
     (3, "marketing", include_str!("../migrations/0003_marketing.sql")),
+    (4, "api_keys", include_str!("../migrations/0004_api_keys.sql")),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.

@@ -101,6 +101,8 @@ pub enum EventType {
     /// `engagement.<what>`: page viewed, form submitted, email clicked.
     Engagement(String),
     LeadUnsubscribed,
+    /// The lead's account was suspended upstream (fraud, chargeback, a blocked customer): never mail again.
+    LeadSuspended,
     EmailBounced,
     EmailComplained,
 }
@@ -116,6 +118,7 @@ impl EventType {
             "order.completed" => Self::OrderCompleted,
             "lead.updated" => Self::LeadUpdated,
             "lead.unsubscribed" => Self::LeadUnsubscribed,
+            "lead.suspended" => Self::LeadSuspended,
             "email.bounced" => Self::EmailBounced,
             "email.complained" => Self::EmailComplained,
             other => match other.strip_prefix("engagement.") {
@@ -142,6 +145,7 @@ impl EventType {
             Self::LeadUpdated => "lead.updated".into(),
             Self::Engagement(what) => format!("engagement.{what}"),
             Self::LeadUnsubscribed => "lead.unsubscribed".into(),
+            Self::LeadSuspended => "lead.suspended".into(),
             Self::EmailBounced => "email.bounced".into(),
             Self::EmailComplained => "email.complained".into(),
         }
@@ -301,6 +305,7 @@ mod tests {
             "lead.updated",
             "engagement.page_viewed",
             "lead.unsubscribed",
+            "lead.suspended",
             "email.bounced",
             "email.complained",
         ] {

@@ -1,5 +1,6 @@
 //! Installation-wide settings kept in PostgreSQL, changed at run time with `leadflow settings set`.
 
+use std::fmt;
 use std::time::Duration;
 
 use deadpool_postgres::GenericClient;
@@ -15,6 +16,8 @@ pub const STALE_AFTER: &str = "stale_after";
 pub const ATTRIBUTION_WINDOW: &str = "attribution_window";
 /// `min_delay.<lead source>`: the least time between the event and the first follow-up for that source.
 pub const MIN_DELAY_PREFIX: &str = "min_delay.";
+/// `frequency_cap`: at most N follow-ups per lead within a period, across every campaign (`2/1d`); `off`: no cap.
+pub const FREQUENCY_CAP: &str = "frequency_cap";
 
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_ATTRIBUTION_WINDOW: Duration = Duration::from_secs(5 * 86_400);
@@ -25,6 +28,7 @@ pub fn known_keys() -> Vec<(String, &'static str)> {
         (SENDING_ENABLED.to_string(), "true | false"),
         (STALE_AFTER.to_string(), "a duration, e.g. 3d"),
         (ATTRIBUTION_WINDOW.to_string(), "a duration, e.g. 5d"),
+        (FREQUENCY_CAP.to_string(), "N/duration, e.g. 2/1d, or off"),
     ];
     for source in LeadSource::ALL {
         keys.push((format!("{MIN_DELAY_PREFIX}{}", source.as_str()), "a duration, e.g. 1h"));
@@ -34,6 +38,10 @@ pub fn known_keys() -> Vec<(String, &'static str)> {
 
 /// Parses a value typed by a user for `key` into what is stored.
 pub fn parse_value(key: &str, raw: &str) -> Result<Value, Invalid> {
+    if key == FREQUENCY_CAP {
+        let cap = FrequencyCap::parse(raw).map_err(|e| Invalid(format!("{key}: {}", e.0)))?;
+        return Ok(Value::String(cap.map_or_else(|| "off".to_string(), |c| c.to_string())));
+    }
     if key == SENDING_ENABLED {
         return match raw.trim() {
             "true" | "on" | "1" => Ok(Value::Bool(true)),
@@ -88,6 +96,7 @@ fn default_of(key: &str) -> Value {
         SENDING_ENABLED => Value::Bool(true),
         STALE_AFTER => Value::String(format_delay(DEFAULT_STALE_AFTER)),
         ATTRIBUTION_WINDOW => Value::String(format_delay(DEFAULT_ATTRIBUTION_WINDOW)),
+        FREQUENCY_CAP => Value::String("off".into()),
         _ => Value::String("0s".into()),
     }
 }
@@ -119,6 +128,65 @@ pub async fn min_delay(client: &impl GenericClient, source: LeadSource) -> anyho
     Ok(duration(stored(client, &key).await?).unwrap_or(Duration::ZERO))
 }
 
+/// The frequency cap in force; `None` when it is off (the default). A stored value that no longer parses counts
+/// as off rather than stopping every follow-up.
+pub async fn frequency_cap(client: &impl GenericClient) -> anyhow::Result<Option<FrequencyCap>> {
+    Ok(stored(client, FREQUENCY_CAP)
+        .await?
+        .and_then(|v| v.as_str().and_then(|s| FrequencyCap::parse(s).ok()))
+        .flatten())
+}
+
+/// At most `max` follow-ups per lead within any period of length `per`, counted across every campaign.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FrequencyCap {
+    pub max: u32,
+    pub per: Duration,
+}
+
+impl FrequencyCap {
+    /// The largest count a cap may allow per period.
+    pub const MAX_COUNT: u32 = 10_000;
+
+    /// Parses `N/duration` (`2/1d`, `1/12h`, `3/1w`) into a cap, or `off` into `None`.
+    pub fn parse(raw: &str) -> Result<Option<Self>, Invalid> {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("off") {
+            return Ok(None);
+        }
+        let (count, period) = raw
+            .split_once('/')
+            .ok_or_else(|| Invalid(format!("expected N/duration such as 2/1d, or off; got {raw:?}")))?;
+        let max: u32 = count
+            .trim()
+            .parse()
+            .ok()
+            .filter(|n| (1..=Self::MAX_COUNT).contains(n))
+            .ok_or_else(|| {
+                Invalid(format!(
+                    "the count {:?} must be a whole number from 1 to {} (to stop sending, set sending_enabled false)",
+                    count.trim(),
+                    Self::MAX_COUNT
+                ))
+            })?;
+        let per = parse_delay(period)?;
+        if per.as_secs() == 0 || per.subsec_nanos() != 0 {
+            return Err(Invalid(format!(
+                "the period {:?} must be whole seconds, at least 1s (e.g. 12h, 1d)",
+                period.trim()
+            )));
+        }
+        Ok(Some(Self { max, per }))
+    }
+}
+
+impl fmt::Display for FrequencyCap {
+    /// The stored form: `2/1d`.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.max, format_delay(self.per))
+    }
+}
+
 fn duration(value: Option<Value>) -> Option<Duration> {
     value.and_then(|v| v.as_str().and_then(|s| parse_delay(s).ok()))
 }
@@ -126,6 +194,40 @@ fn duration(value: Option<Value>) -> Option<Duration> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn frequency_caps_parse_as_count_per_period() {
+        assert_eq!(
+            FrequencyCap::parse("2/1d").unwrap(),
+            Some(FrequencyCap {
+                max: 2,
+                per: Duration::from_secs(86_400)
+            })
+        );
+        assert_eq!(
+            FrequencyCap::parse(" 1 / 12h ").unwrap().unwrap().per,
+            Duration::from_secs(43_200)
+        );
+        assert_eq!(FrequencyCap::parse("OFF").unwrap(), None);
+        assert_eq!(
+            parse_value("frequency_cap", "3/24h").unwrap(),
+            Value::String("3/1d".into())
+        );
+        assert_eq!(
+            parse_value("frequency_cap", "off").unwrap(),
+            Value::String("off".into())
+        );
+        for bad in [
+            "2", "0/1d", "-1/1d", "two/1d", "2/", "2/soon", "2/0s", "2/500ms", "10001/1d", "on",
+        ] {
+            let err = parse_value("frequency_cap", bad).unwrap_err().0;
+            assert!(err.starts_with("frequency_cap: "), "{bad:?}: {err}");
+        }
+        assert_eq!(default_of(FREQUENCY_CAP), Value::String("off".into()));
+        assert!(known_keys().iter().any(|(k, _)| k == FREQUENCY_CAP));
+        let cap = FrequencyCap::parse("5/1h30m").unwrap().unwrap();
+        assert_eq!(FrequencyCap::parse(&cap.to_string()).unwrap(), Some(cap));
+    }
 
     #[test]
     fn values_are_checked_per_key() {

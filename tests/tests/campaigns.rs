@@ -447,3 +447,118 @@ async fn stats_show_targeted_sent_converted_and_value_per_step() {
     assert!(table.contains("EUR 120.50"), "{table}");
     app.stop().await;
 }
+
+#[tokio::test]
+async fn each_outside_exit_ends_the_sequence_with_its_reason() {
+    let app = TestApp::builder().variant("long-second-step").spawn().await;
+    let exits = [
+        ("lead.unsubscribed", "unsubscribed", "u@example.com"),
+        ("email.bounced", "bounced", "b@example.com"),
+        ("email.complained", "complained", "c@example.com"),
+        ("lead.suspended", "suspended", "s@example.com"),
+    ];
+    for (_, _, email) in exits {
+        app.post_event(&event("checkout.abandoned", email)).await;
+    }
+    for (_, _, email) in exits {
+        app.smtp.wait_for_to(email, 1, DEADLINE).await;
+    }
+    for (event_type, _, email) in exits {
+        app.post_event(&event(event_type, email)).await;
+    }
+    for (_, reason, email) in exits {
+        let rows = app
+            .wait_for_deliveries(email, "the open steps are cancelled", |r| {
+                r.len() == 3 && r[1].state == "cancelled" && r[2].state == "cancelled"
+            })
+            .await;
+        assert_eq!(rows[1].reason.as_deref(), Some(reason), "{email}: {rows:#?}");
+        let client = app.db().await;
+        let suppressed: Option<String> = client
+            .query_one("SELECT suppressed_reason FROM leads WHERE email = $1", &[&email])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(suppressed.as_deref(), Some(reason));
+    }
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_lead_suppressed_after_rendering_is_checked_again_right_before_send() {
+    use leadflow::Component;
+    let app = TestApp::spawn_with(&[Component::Ingest, Component::Scheduler, Component::Renderer], &[]).await;
+    app.post_event(&event("checkout.abandoned", "ann@example.com")).await;
+    app.wait_for_deliveries("ann@example.com", "step 1 rendered", |r| {
+        r.len() == 3 && r[0].state == "rendered"
+    })
+    .await;
+    // Suppressed without the sequence being ended: only the sender's own check stands between the lead and SMTP.
+    app.db()
+        .await
+        .execute(
+            "UPDATE leads SET suppressed_reason = 'suspended', suppressed_at = now() WHERE email = 'ann@example.com'",
+            &[],
+        )
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let sender = leadflow::start(app.config.clone(), &[Component::Sender], listener, shutdown)
+        .await
+        .expect("start a sender");
+    let rows = app
+        .wait_for_deliveries("ann@example.com", "step 1 cancelled by the sender", |r| {
+            r[0].state == "cancelled"
+        })
+        .await;
+    assert_eq!(rows[0].reason.as_deref(), Some("suspended"), "{rows:#?}");
+    assert!(app.smtp.messages().is_empty(), "a suppressed lead must not be mailed");
+    sender.stop().await.unwrap();
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn campaign_results_are_exported_as_prometheus_metrics() {
+    let app = TestApp::spawn().await;
+    app.post_event(&event("checkout.abandoned", "ann@example.com")).await;
+    app.smtp.wait_for_to("ann@example.com", 1, DEADLINE).await;
+    // The scheduler refreshes the gauges every 15 s; refresh now instead of waiting.
+    let ctx = leadflow_shared::service::Context::connect(app.config.clone(), "test")
+        .await
+        .unwrap();
+    leadflow_scheduler::results::refresh(&ctx).await.unwrap();
+    let body = app.get("/metrics").await.text().await.unwrap();
+    let line = body
+        .lines()
+        .find(|l| {
+            l.starts_with("leadflow_campaign_sent{")
+                && l.contains("campaign=\"cart-recovery\"")
+                && l.contains("step=\"1\"")
+        })
+        .unwrap_or_else(|| panic!("no sent gauge for cart-recovery step 1 in:\n{body}"));
+    let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(value >= 1.0, "{line}");
+    assert!(body.contains("leadflow_campaign_targeted{"), "{body}");
+    app.stop().await;
+}
+
+#[tokio::test]
+async fn a_campaign_bcc_receives_a_copy_without_the_lead_seeing_it() {
+    let app = TestApp::spawn().await;
+    only_the_campaign_under_test(&app).await;
+    apply_yaml(
+        &app,
+        "name: with-bcc\nlead_source: checkout.abandoned\nbcc: sales@shop.example\n\
+         steps: [{ delay: 1s, template: cart-reminder }]\n",
+    )
+    .await
+    .expect("apply");
+    app.post_event(&event("checkout.abandoned", "ann@example.com")).await;
+    let mails = app.smtp.wait_for(1, DEADLINE).await;
+    let mut rcpt: Vec<String> = mails[0].rcpt_to.iter().map(|r| r.to_lowercase()).collect();
+    rcpt.sort();
+    assert_eq!(rcpt, vec!["ann@example.com", "sales@shop.example"]);
+    assert!(mails[0].header("bcc").is_none(), "the BCC must not be a visible header");
+    app.stop().await;
+}

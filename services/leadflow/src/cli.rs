@@ -1,4 +1,4 @@
-//! The command line: `leadflow run | migrate | apply | campaigns | stats | demo`.
+//! The command line: `leadflow run | migrate | apply | campaigns | codes | stats | keys | demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -49,11 +49,24 @@ enum Command {
         #[command(subcommand)]
         action: SettingsAction,
     },
+    /// Per-lead discount codes: import a pool of codes for a step, count codes per step.
+    Codes {
+        #[command(subcommand)]
+        action: CodesAction,
+    },
     /// Follow-ups sent, cancelled and converted, and revenue, per campaign and step.
     Stats {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
+        /// Per A/B variant and holdout group: rates with 95% intervals, significance, lift, the winner.
+        #[arg(long)]
+        variants: bool,
+    },
+    /// API keys of the admin REST API (`Authorization: Bearer <key>`).
+    Keys {
+        #[command(subcommand)]
+        action: KeyAction,
     },
     /// Set up the demo data, run every service, send sample events, and show the emails that came out.
     Demo {
@@ -72,6 +85,47 @@ enum SettingsAction {
     Get,
     /// Change a setting, e.g. `sending_enabled false` or `min_delay.order.unfinished 1h`.
     Set { key: String, value: String },
+}
+
+#[derive(Subcommand)]
+enum CodesAction {
+    /// Add codes to the pool of a campaign step (`code: pool`): one per line, or the first column of a CSV.
+    /// Bad lines are reported by number; the good ones are imported all the same.
+    Import {
+        #[arg(long)]
+        campaign: String,
+        #[arg(long, default_value = "A")]
+        variant: String,
+        #[arg(long)]
+        step: i16,
+        /// The file of codes.
+        file: PathBuf,
+    },
+    /// Free, assigned and redeemed codes per step of a campaign.
+    List {
+        #[arg(long)]
+        campaign: String,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(Subcommand)]
+enum KeyAction {
+    /// Create a key and print it; it is shown this once and stored only as a hash.
+    Create {
+        /// What the key is for, e.g. `ci` or `marketing-dashboard`.
+        #[arg(long)]
+        name: String,
+        /// read (GET requests), write (also campaigns and templates) or admin (also settings); repeatable.
+        #[arg(long = "scope", required = true, value_parser = leadflow_api::keys::Scope::parse)]
+        scopes: Vec<leadflow_api::keys::Scope>,
+    },
+    /// Every key with its prefix, scopes and when it was last used; never the key itself.
+    List,
+    /// Refuse a key from now on, named by its prefix (the first 8 characters, as `keys list` shows).
+    Revoke { prefix: String },
 }
 
 #[derive(Subcommand)]
@@ -197,15 +251,102 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Stats { json } => {
+        Command::Stats { json, variants } => {
             let pool = db::pool(&config.database)?;
             db::check_schema(&pool).await?;
             let client = pool.get().await?;
+            if variants {
+                let rows = leadflow_scheduler::abtest::variant_stats(&client).await?;
+                if json {
+                    println!("{}", serde_json::to_string_pretty(&rows)?);
+                } else {
+                    print!("{}", leadflow_scheduler::abtest::table(&rows));
+                }
+                return Ok(());
+            }
             let rows = leadflow_scheduler::stats::campaign_stats(&client).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
             } else {
                 print!("{}", leadflow_scheduler::stats::table(&rows));
+            }
+            Ok(())
+        }
+        Command::Codes { action } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            let client = pool.get().await?;
+            match action {
+                CodesAction::Import {
+                    campaign,
+                    variant,
+                    step,
+                    file,
+                } => {
+                    let text =
+                        std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+                    let report = leadflow_scheduler::codes::import(&client, &campaign, &variant, step, &text).await?;
+                    print!("{report}");
+                    if !report.rejected.is_empty() {
+                        anyhow::bail!(
+                            "{} line(s) of {} rejected; the other codes were imported",
+                            report.rejected.len(),
+                            file.display()
+                        );
+                    }
+                }
+                CodesAction::List { campaign, json } => {
+                    let rows = leadflow_scheduler::codes::list(&client, &campaign).await?;
+                    if json {
+                        println!("{}", serde_json::to_string_pretty(&rows)?);
+                    } else {
+                        print!("{}", leadflow_scheduler::codes::table(&rows));
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Keys { action } => {
+            let pool = db::pool(&config.database)?;
+            db::check_schema(&pool).await?;
+            let client = pool.get().await?;
+            match action {
+                KeyAction::Create { name, scopes } => {
+                    use secrecy::ExposeSecret as _;
+                    let created = leadflow_api::keys::create(&client, &name, &scopes).await?;
+                    let scopes: Vec<&str> = created.info.scopes.iter().map(|s| s.as_str()).collect();
+                    eprintln!(
+                        "key {} ({}) created with scope {}; it is not shown again:",
+                        created.info.prefix,
+                        created.info.name,
+                        scopes.join(", ")
+                    );
+                    println!("{}", created.key.expose_secret());
+                }
+                KeyAction::List => {
+                    println!(
+                        "{:<10} {:<24} {:<18} {:<17} {:<17} revoked",
+                        "prefix", "name", "scopes", "created", "last used"
+                    );
+                    for k in leadflow_api::keys::list(&client).await? {
+                        let scopes: Vec<&str> = k.scopes.iter().map(|s| s.as_str()).collect();
+                        println!(
+                            "{:<10} {:<24} {:<18} {:<17} {:<17} {}",
+                            k.prefix,
+                            k.name,
+                            scopes.join(","),
+                            k.created_at.format("%Y-%m-%d %H:%M").to_string(),
+                            k.last_used_at
+                                .map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string()),
+                            k.revoked_at
+                                .map_or("-".to_string(), |t| t.format("%Y-%m-%d %H:%M").to_string())
+                        );
+                    }
+                }
+                KeyAction::Revoke { prefix } => {
+                    let key = leadflow_api::keys::revoke(&client, &prefix).await?;
+                    println!("key {} ({}) revoked", key.prefix, key.name);
+                }
             }
             Ok(())
         }

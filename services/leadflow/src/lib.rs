@@ -5,6 +5,9 @@ pub mod cli;
 pub mod defaults;
 mod demo;
 
+/// The admin REST API and its keys (`leadflow_api`), for callers that depend on this crate only.
+pub use leadflow_api as api;
+
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
@@ -19,12 +22,14 @@ pub enum Component {
     Scheduler,
     Renderer,
     Sender,
+    /// The authenticated admin REST API under `/v1/admin`.
+    Api,
 }
 
 impl Component {
     fn expand(list: &[Component]) -> Vec<Component> {
         if list.is_empty() || list.contains(&Component::All) {
-            return vec![Self::Ingest, Self::Scheduler, Self::Renderer, Self::Sender];
+            return vec![Self::Ingest, Self::Scheduler, Self::Renderer, Self::Sender, Self::Api];
         }
         let mut out = list.to_vec();
         out.dedup();
@@ -47,6 +52,7 @@ pub async fn start(
             Component::Scheduler => leadflow_scheduler::service(&ctx, shutdown.clone()),
             Component::Renderer => leadflow_renderer::service(&ctx, shutdown.clone()),
             Component::Sender => leadflow_sender::service(&ctx, shutdown.clone()).await?,
+            Component::Api => leadflow_api::service(&ctx, shutdown.clone()),
             Component::All => unreachable!("expanded above"),
         });
     }

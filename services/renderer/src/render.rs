@@ -261,6 +261,10 @@ pub struct DeliveryFacts {
     pub step: i16,
     pub steps: i64,
     pub campaign_name: String,
+    /// The lead's code for this step, when the step gives codes (`discount.code`).
+    pub discount_code: Option<String>,
+    /// The campaign's "override previous coupon discounts with the lead discount" (`discount.override_coupons`).
+    pub override_coupons: bool,
 }
 
 /// Builds the template context: `lead`, `product`, `discount`, `step`, `campaign`.
@@ -282,6 +286,15 @@ pub fn template_context(facts: &DeliveryFacts) -> Value {
         Value::Object(_) => lead.attributes.clone(),
         _ => Value::Object(Map::new()),
     };
+    let mut discount = json!({
+        "percent": facts.discount_percent,
+        "has": facts.discount_percent > 0,
+        "override_coupons": facts.override_coupons,
+    });
+    // `discount.code` exists only for a step that gives codes: strict mode fails any other template using it.
+    if let (Some(code), Some(d)) = (&facts.discount_code, discount.as_object_mut()) {
+        d.insert("code".to_string(), Value::from(code.as_str()));
+    }
     json!({
         "lead": {
             "email": lead.email,
@@ -293,10 +306,7 @@ pub fn template_context(facts: &DeliveryFacts) -> Value {
             "attributes": attributes,
         },
         "product": Value::Object(product),
-        "discount": {
-            "percent": facts.discount_percent,
-            "has": facts.discount_percent > 0,
-        },
+        "discount": discount,
         "step": {
             "number": facts.step,
             "of": facts.steps,
@@ -337,7 +347,25 @@ mod tests {
             step: 2,
             steps: 3,
             campaign_name: "Cart recovery".into(),
+            discount_code: None,
+            override_coupons: false,
         }
+    }
+
+    #[test]
+    fn the_discount_code_and_coupon_override_reach_templates() {
+        let mut f = facts();
+        let context = template_context(&f);
+        assert!(
+            context["discount"].get("code").is_none(),
+            "no code unless the step gives one"
+        );
+        assert_eq!(context["discount"]["override_coupons"], json!(false));
+        f.discount_code = Some("LF-ABC".into());
+        f.override_coupons = true;
+        let context = template_context(&f);
+        assert_eq!(context["discount"]["code"], json!("LF-ABC"));
+        assert_eq!(context["discount"]["override_coupons"], json!(true));
     }
 
     fn render(subject: &str, text: &str, html: &str) -> Result<RenderedParts, RenderError> {

@@ -13,6 +13,7 @@ use lapin::message::Delivery;
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use leadflow_scheduler::codes;
 use leadflow_shared::amqp::{self, Outcome};
 use leadflow_shared::domain::mask_email;
 use leadflow_shared::messages::WorkMessage;
@@ -85,6 +86,44 @@ struct Loaded {
     suppressed_reason: Option<String>,
     campaign_language: String,
     facts: DeliveryFacts,
+    lead_id: i64,
+    campaign_id: i64,
+    variant: String,
+    /// `generated` or `pool` when the step gives the lead a discount code.
+    code_source: Option<String>,
+}
+
+impl Loaded {
+    /// Whether the delivery is going to be rendered (not cancelled first): only then does it get a code.
+    fn renders(&self) -> bool {
+        self.enrollment_status == "active" && self.suppressed_reason.as_deref().is_none_or(|r| r.trim().is_empty())
+    }
+
+    /// The code request of a step that gives codes.
+    fn code_request(&self) -> Option<codes::Request<'_>> {
+        let source = codes::Source::parse(self.code_source.as_deref()?)?;
+        self.renders().then_some(codes::Request {
+            delivery_id: self.id,
+            lead_id: self.lead_id,
+            campaign_id: self.campaign_id,
+            variant: &self.variant,
+            step: self.facts.step,
+            source,
+        })
+    }
+
+    /// Why the delivery fails when its step's pool has run dry.
+    fn pool_empty_reason(&self) -> String {
+        let variant = if self.variant == "A" {
+            String::new()
+        } else {
+            format!(" variant {}", self.variant)
+        };
+        format!(
+            "no discount code left in the pool for {}{variant} step {}",
+            self.facts.campaign_name, self.facts.step
+        )
+    }
 }
 
 /// What rendering decided for one queued delivery.
@@ -135,9 +174,32 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
         .collect();
     let templates = load_templates(&tx, &names).await?;
 
+    // Discount codes are assigned in this transaction: a code is only ever given with its rendered email.
+    let mut assigned_codes: HashMap<i64, codes::Assigned> = HashMap::new();
+    for delivery in &queued {
+        if let Some(request) = delivery.code_request() {
+            let assigned = codes::assign(&tx, &request)
+                .await
+                .with_context(|| format!("failed to assign a discount code to delivery {}", delivery.id))?;
+            assigned_codes.insert(delivery.id, assigned);
+        }
+    }
+
     let mut decisions: Vec<(i64, Decision)> = Vec::with_capacity(queued.len());
     for delivery in &queued {
-        decisions.push((delivery.id, decide(delivery, &templates)));
+        let decision = match assigned_codes.get(&delivery.id) {
+            Some(codes::Assigned::PoolEmpty) => {
+                ::metrics::counter!(
+                    "leadflow_renderer_codes_exhausted_total",
+                    "campaign" => delivery.facts.campaign_name.clone()
+                )
+                .increment(1);
+                Decision::Failed(delivery.pool_empty_reason())
+            }
+            Some(codes::Assigned::Code(code)) => decide(delivery, &templates, Some(code)),
+            None => decide(delivery, &templates, None),
+        };
+        decisions.push((delivery.id, decision));
     }
 
     let mut rendered_ids = Vec::new();
@@ -218,6 +280,8 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
     }
     if !failed_ids.is_empty() {
         let marked = close(&tx, "failed", &failed_ids, &failed_reasons).await?;
+        let marked_ids: Vec<i64> = marked.iter().copied().collect();
+        codes::release(&tx, &marked_ids).await?;
         for (id, reason) in failed_ids.iter().zip(&failed_reasons) {
             if marked.contains(id) {
                 metrics::render_failed(*id, reason);
@@ -283,7 +347,7 @@ async fn close(
     Ok(rows.iter().map(|r| r.get(0)).collect())
 }
 
-fn decide(delivery: &Loaded, templates: &HashMap<String, Vec<StoredTemplate>>) -> Decision {
+fn decide(delivery: &Loaded, templates: &HashMap<String, Vec<StoredTemplate>>, code: Option<&str>) -> Decision {
     if let Some(reason) = delivery.suppressed_reason.as_deref().filter(|r| !r.trim().is_empty()) {
         return Decision::Cancelled(reason.to_string());
     }
@@ -296,7 +360,7 @@ fn decide(delivery: &Loaded, templates: &HashMap<String, Vec<StoredTemplate>>) -
         return Decision::Cancelled(reason);
     }
     let started = Instant::now();
-    let result = render_one(delivery, templates);
+    let result = render_one(delivery, templates, code);
     metrics::message_rendered(started.elapsed());
     match result {
         Ok(parts) => Decision::Rendered {
@@ -319,6 +383,7 @@ fn decide(delivery: &Loaded, templates: &HashMap<String, Vec<StoredTemplate>>) -
 fn render_one(
     delivery: &Loaded,
     templates: &HashMap<String, Vec<StoredTemplate>>,
+    code: Option<&str>,
 ) -> Result<RenderedParts, RenderError> {
     let name = delivery.template.as_deref().ok_or(RenderError::NoStep {
         step: delivery.facts.step,
@@ -334,7 +399,9 @@ fn render_one(
             tried: candidates.clone(),
         })?;
     let compiled = TemplateCache::global().get_or_compile(stored)?;
-    compiled.render(&template_context(&delivery.facts))
+    let mut facts = delivery.facts.clone();
+    facts.discount_code = code.map(str::to_string);
+    compiled.render(&template_context(&facts))
 }
 
 /// Loads and locks the deliveries. The lock matters: the scheduler publishes before it commits, so a delivery may
@@ -347,7 +414,8 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
                     e.status, e.reason, e.product,
                     c.name, c.language,
                     (SELECT count(*) FROM deliveries n WHERE n.enrollment_id = d.enrollment_id) AS steps,
-                    s.discount_percent, s.template, l.suppressed_reason
+                    s.discount_percent, s.template, l.suppressed_reason,
+                    d.lead_id, d.campaign_id, d.variant, s.code_source, c.override_coupons
                FROM deliveries d
                JOIN leads l ON l.id = d.lead_id
                JOIN enrollments e ON e.id = d.enrollment_id
@@ -370,6 +438,10 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
                 template: row.try_get("template")?,
                 suppressed_reason: row.try_get("suppressed_reason")?,
                 campaign_language: row.try_get(13)?,
+                lead_id: row.try_get("lead_id")?,
+                campaign_id: row.try_get("campaign_id")?,
+                variant: row.try_get("variant")?,
+                code_source: row.try_get("code_source")?,
                 facts: DeliveryFacts {
                     lead: LeadFields {
                         email: row.try_get("email")?,
@@ -384,6 +456,8 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
                     step: row.try_get("step")?,
                     steps: row.try_get("steps")?,
                     campaign_name: row.try_get(12)?,
+                    discount_code: None,
+                    override_coupons: row.try_get("override_coupons")?,
                 },
             })
         })

@@ -204,21 +204,26 @@ pub struct Step {
 }
 
 impl CampaignSpec {
-    /// Checks every rule; the error names the campaign and the field.
+    /// Checks every rule; the error (a [`CampaignError`]) names the campaign and the field.
     pub fn validate(&self) -> anyhow::Result<Campaign> {
+        Ok(self.check()?)
+    }
+
+    /// Checks every rule; the error names the offending field as data (`steps[0].delay`), for the admin API.
+    pub fn check(&self) -> Result<Campaign, CampaignError> {
         let name = self.name.trim();
-        let ctx = |field: &str| format!("campaign {name:?}: {field}");
+        let fail = |field: &str, reason: String| CampaignError::new(name, field, reason);
         if name.is_empty() || name.len() > 100 {
-            anyhow::bail!("campaign name must be 1 to 100 characters");
+            return Err(fail("name", "must be 1 to 100 characters".into()));
         }
         let active = match self.status.as_str() {
             "active" => true,
             "inactive" => false,
-            other => anyhow::bail!("{}: expected active or inactive, got {other:?}", ctx("status")),
+            other => return Err(fail("status", format!("expected active or inactive, got {other:?}"))),
         };
         let lead_source = match self.lead_source.as_str() {
             "all" => None,
-            other => Some(LeadSource::parse(other).with_context(|| ctx("lead_source"))?),
+            other => Some(LeadSource::parse(other).map_err(|e| fail("lead_source", e.to_string()))?),
         };
         let blocks: Vec<(String, u32, &[StepSpec], String)> = match (self.steps.is_empty(), self.variants.is_empty()) {
             (false, true) => vec![("A".to_string(), 1, &self.steps[..], "steps".to_string())],
@@ -235,8 +240,8 @@ impl CampaignSpec {
                     )
                 })
                 .collect(),
-            (false, false) => anyhow::bail!("{}: give either steps or variants, not both", ctx("steps")),
-            (true, true) => anyhow::bail!("{}: a campaign needs 1 to {MAX_STEPS} steps", ctx("steps")),
+            (false, false) => return Err(fail("steps", "give either steps or variants, not both".into())),
+            (true, true) => return Err(fail("steps", format!("a campaign needs 1 to {MAX_STEPS} steps"))),
         };
         let mut variants = Vec::new();
         for (vi, (vname, weight, specs, path)) in blocks.iter().enumerate() {
@@ -244,56 +249,60 @@ impl CampaignSpec {
                 || vname.len() > 32
                 || !vname.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
             {
-                anyhow::bail!(
-                    "{}: a variant name of 1 to 32 letters, digits, '-' or '_'",
-                    ctx(&format!("variants[{vi}].name"))
-                );
+                return Err(fail(
+                    &format!("variants[{vi}].name"),
+                    "a variant name of 1 to 32 letters, digits, '-' or '_'".into(),
+                ));
             }
             if variants.iter().any(|v: &Variant| v.name == *vname) {
-                anyhow::bail!(
-                    "{}: variant {vname:?} is defined twice",
-                    ctx(&format!("variants[{vi}].name"))
-                );
+                return Err(fail(
+                    &format!("variants[{vi}].name"),
+                    format!("variant {vname:?} is defined twice"),
+                ));
             }
             if *weight == 0 || *weight > 10_000 {
-                anyhow::bail!("{}: must be 1 to 10000", ctx(&format!("variants[{vi}].weight")));
+                return Err(fail(&format!("variants[{vi}].weight"), "must be 1 to 10000".into()));
             }
             if specs.is_empty() || specs.len() > MAX_STEPS {
-                anyhow::bail!(
-                    "{}: a campaign has 1 to {MAX_STEPS} steps, this one has {}",
-                    ctx(path),
-                    specs.len()
-                );
+                return Err(fail(
+                    path,
+                    format!("a campaign has 1 to {MAX_STEPS} steps, this one has {}", specs.len()),
+                ));
             }
             let mut steps = Vec::new();
             for (i, s) in specs.iter().enumerate() {
-                let at = |f: &str| ctx(&format!("{path}[{i}].{f}"));
-                let delay = parse_delay(&s.delay).with_context(|| at("delay"))?;
+                let at = |f: &str| format!("{path}[{i}].{f}");
+                let delay = parse_delay(&s.delay).map_err(|e| fail(&at("delay"), e.to_string()))?;
                 if delay.subsec_nanos() != 0 {
-                    anyhow::bail!("{}: whole seconds at least (e.g. 30s, 2h)", at("delay"));
+                    return Err(fail(&at("delay"), "whole seconds at least (e.g. 30s, 2h)".into()));
                 }
                 if s.discount > 100 {
-                    anyhow::bail!("{}: must be 0 to 100", at("discount"));
+                    return Err(fail(&at("discount"), "must be 0 to 100".into()));
                 }
                 let template = match (&s.template, self.use_default_template) {
                     (Some(t), _) => t.trim().to_string(),
                     (None, true) => default_template(lead_source),
-                    (None, false) => anyhow::bail!(
-                        "{}: is required (or set use_default_template: true on the campaign)",
-                        at("template")
-                    ),
+                    (None, false) => {
+                        return Err(fail(
+                            &at("template"),
+                            "is required (or set use_default_template: true on the campaign)".into(),
+                        ))
+                    }
                 };
                 if template.is_empty()
                     || !template
                         .chars()
                         .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-' || c == '_')
                 {
-                    anyhow::bail!("{}: use lower-case letters, digits, '-' and '_'", at("template"));
+                    return Err(fail(
+                        &at("template"),
+                        "use lower-case letters, digits, '-' and '_'".into(),
+                    ));
                 }
                 let code = match s.code.as_deref() {
                     None => None,
                     Some(c @ ("generated" | "pool")) => Some(c.to_string()),
-                    Some(other) => anyhow::bail!("{}: expected generated or pool, got {other:?}", at("code")),
+                    Some(other) => return Err(fail(&at("code"), format!("expected generated or pool, got {other:?}"))),
                 };
                 steps.push(Step {
                     delay,
@@ -309,25 +318,25 @@ impl CampaignSpec {
             });
         }
         if self.holdout_percent > 50 {
-            anyhow::bail!("{}: must be 0 to 50", ctx("holdout_percent"));
+            return Err(fail("holdout_percent", "must be 0 to 50".into()));
         }
         if let Some(test) = &self.ab_test {
             if variants.len() < 2 {
-                anyhow::bail!("{}: an A/B test needs at least two variants", ctx("ab_test"));
+                return Err(fail("ab_test", "an A/B test needs at least two variants".into()));
             }
-            validate_end(&test.end).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("ab_test.end")))?;
+            validate_end(&test.end).map_err(|e| fail("ab_test.end", e))?;
         }
         if let Some(w) = &self.send_window {
-            validate_window(w).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("send_window")))?;
+            validate_window(w).map_err(|e| fail("send_window", e))?;
         }
         if self.description.chars().count() > 2000 {
-            anyhow::bail!("{}: at most 2000 characters", ctx("description"));
+            return Err(fail("description", "at most 2000 characters".into()));
         }
         let mut products = Vec::new();
         for (i, p) in self.products.iter().enumerate() {
             let p = p.trim();
             if p.is_empty() || p.len() > 256 {
-                anyhow::bail!("{}: a SKU of 1 to 256 characters", ctx(&format!("products[{i}]")));
+                return Err(fail(&format!("products[{i}]"), "a SKU of 1 to 256 characters".into()));
             }
             products.push(p.to_string());
         }
@@ -335,7 +344,10 @@ impl CampaignSpec {
         for (i, l) in self.languages.iter().enumerate() {
             let l = l.trim().to_ascii_lowercase();
             if !(2..=3).contains(&l.len()) || !l.chars().all(|c| c.is_ascii_lowercase()) {
-                anyhow::bail!("{}: a language code such as en or de", ctx(&format!("languages[{i}]")));
+                return Err(fail(
+                    &format!("languages[{i}]"),
+                    "a language code such as en or de".into(),
+                ));
             }
             languages.push(l);
         }
@@ -343,19 +355,19 @@ impl CampaignSpec {
         for (i, c) in self.countries.iter().enumerate() {
             let c = c.trim().to_ascii_uppercase();
             if c.len() != 2 || !c.chars().all(|c| c.is_ascii_uppercase()) {
-                anyhow::bail!(
-                    "{}: an ISO 3166-1 alpha-2 code such as DE",
-                    ctx(&format!("countries[{i}]"))
-                );
+                return Err(fail(
+                    &format!("countries[{i}]"),
+                    "an ISO 3166-1 alpha-2 code such as DE".into(),
+                ));
             }
             countries.push(c);
         }
         let notify_url = match self.notify_url.as_deref().map(str::trim).filter(|u| !u.is_empty()) {
             None => None,
             Some(u) => {
-                let parsed = url::Url::parse(u).map_err(|e| anyhow::anyhow!("{}: {e}", ctx("notify_url")))?;
+                let parsed = url::Url::parse(u).map_err(|e| fail("notify_url", e.to_string()))?;
                 if !matches!(parsed.scheme(), "http" | "https") {
-                    anyhow::bail!("{}: must be an http(s) URL", ctx("notify_url"));
+                    return Err(fail("notify_url", "must be an http(s) URL".into()));
                 }
                 Some(u.to_string())
             }
@@ -364,7 +376,7 @@ impl CampaignSpec {
             None => None,
             Some(b) => Some(
                 EmailAddress::parse(b)
-                    .map_err(|e| anyhow::anyhow!("{}: {e}", ctx("bcc")))?
+                    .map_err(|e| fail("bcc", e.to_string()))?
                     .as_str()
                     .to_string(),
             ),
@@ -389,6 +401,37 @@ impl CampaignSpec {
         })
     }
 }
+
+/// Why a campaign was refused: the field to blame, as a path into the spec (`variants[1].steps[0].template`), and
+/// the reason. Displayed as `campaign "name": field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CampaignError {
+    /// The campaign's name as given.
+    pub campaign: String,
+    pub field: String,
+    pub reason: String,
+}
+
+impl CampaignError {
+    pub fn new(campaign: &str, field: &str, reason: String) -> Self {
+        Self {
+            campaign: campaign.to_string(),
+            field: field.to_string(),
+            reason,
+        }
+    }
+}
+
+impl std::fmt::Display for CampaignError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.field == "name" {
+            return write!(f, "campaign name {}", self.reason);
+        }
+        write!(f, "campaign {:?}: {}: {}", self.campaign, self.field, self.reason)
+    }
+}
+
+impl std::error::Error for CampaignError {}
 
 fn validate_end(end: &AbEnd) -> Result<(), String> {
     let set = [

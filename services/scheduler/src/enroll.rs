@@ -8,6 +8,7 @@ use leadflow_shared::domain::{EventType, LeadSource};
 use leadflow_shared::settings;
 
 use crate::metrics;
+use crate::{codes, notify};
 
 /// What handling a batch of events did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -68,9 +69,13 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
             h.cancelled_deliveries = end_sequences(tx, lead_id, "converted", "completed", Some(&purchase)).await?;
             h.conversions = record_conversion(tx, lead_id, id, &data).await?;
         }
-        EventType::LeadUnsubscribed | EventType::EmailBounced | EventType::EmailComplained => {
+        EventType::LeadUnsubscribed
+        | EventType::LeadSuspended
+        | EventType::EmailBounced
+        | EventType::EmailComplained => {
             let reason = match event_type {
                 EventType::LeadUnsubscribed => "unsubscribed",
+                EventType::LeadSuspended => "suspended",
                 EventType::EmailBounced => "bounced",
                 _ => "complained",
             };
@@ -194,6 +199,13 @@ async fn enroll(
         let enrollment_id: i64 = enrollment.get(0);
         enrolled += 1;
         metrics::enrolled();
+        notify::enqueue(
+            tx,
+            notify::About::Enrollment(enrollment_id),
+            notify::Kind::Enrolled,
+            serde_json::json!({ "holdout": holdout }),
+        )
+        .await?;
         let Some(variant) = variant else {
             continue; // the holdout group receives nothing; its purchases measure the campaign's lift
         };
@@ -267,6 +279,17 @@ async fn end_sequences(
         )
         .await?;
     let ids: Vec<i64> = ended.iter().map(|r| r.get(0)).collect();
+    if let Some(kind) = notify::Kind::for_reason(reason) {
+        for id in &ids {
+            notify::enqueue(
+                tx,
+                notify::About::Enrollment(*id),
+                kind,
+                serde_json::json!({ "reason": reason }),
+            )
+            .await?;
+        }
+    }
     let cancelled = tx
         .execute(
             "UPDATE deliveries SET state = 'cancelled', reason = $2, updated_at = now()
@@ -306,7 +329,9 @@ impl Purchase {
     }
 }
 
-/// Records the order and attributes it to the last follow-up the lead was sent within the attribution window.
+/// Records the order and attributes it: to the follow-up whose discount code the order names (a code assigned to
+/// this lead, which is then marked redeemed), else to the last follow-up the lead was sent within the
+/// attribution window.
 async fn record_conversion(
     tx: &impl GenericClient,
     lead_id: i64,
@@ -320,26 +345,80 @@ async fn record_conversion(
     };
     let currency = data.get("currency").and_then(Value::as_str);
     let order_id = data.get("order_id").and_then(Value::as_str);
-    let window = settings::attribution_window(tx).await?.as_secs_f64();
-    let inserted = tx
-        .execute(
-            "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step,
-                                      variant, enrollment_id)
-             SELECT $1, $2, $3, CAST($4::text AS numeric), $5, d.id, d.campaign_id, d.step, d.variant, d.enrollment_id
-             FROM (SELECT 1) AS one
-             LEFT JOIN LATERAL (
-                 SELECT id, campaign_id, step, variant, enrollment_id FROM deliveries
-                 WHERE lead_id = $1 AND state = 'sent' AND sent_at >= now() - make_interval(secs => $6)
-                 ORDER BY sent_at DESC LIMIT 1
-             ) d ON true
-             ON CONFLICT (event_id) DO NOTHING",
-            &[&lead_id, &event_id, &order_id, &amount, &currency, &window],
+    let given_code = codes::code_of_order(data);
+    let by_code = match &given_code {
+        Some(code) => codes::find_for_lead(tx, lead_id, code).await?,
+        None => None,
+    };
+    let code = by_code.as_ref().map(|c| c.code.clone()).or(given_code);
+    let inserted = match &by_code {
+        Some(c) => {
+            tx.query_opt(
+                "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step,
+                                          variant, enrollment_id, code)
+                 VALUES ($1, $2, $3, CAST($4::text AS numeric), $5, $6, $7, $8, $9, $10, $11)
+                 ON CONFLICT (event_id) DO NOTHING
+                 RETURNING id, delivery_id",
+                &[
+                    &lead_id,
+                    &event_id,
+                    &order_id,
+                    &amount,
+                    &currency,
+                    &c.delivery_id,
+                    &c.campaign_id,
+                    &c.step,
+                    &c.variant,
+                    &c.enrollment_id,
+                    &code,
+                ],
+            )
+            .await?
+        }
+        None => {
+            let window = settings::attribution_window(tx).await?.as_secs_f64();
+            tx.query_opt(
+                "INSERT INTO conversions (lead_id, event_id, order_id, amount, currency, delivery_id, campaign_id, step,
+                                          variant, enrollment_id, code)
+                 SELECT $1, $2, $3, CAST($4::text AS numeric), $5, d.id, d.campaign_id, d.step, d.variant,
+                        d.enrollment_id, $7
+                 FROM (SELECT 1) AS one
+                 LEFT JOIN LATERAL (
+                     SELECT id, campaign_id, step, variant, enrollment_id FROM deliveries
+                     WHERE lead_id = $1 AND state = 'sent' AND sent_at >= now() - make_interval(secs => $6)
+                     ORDER BY sent_at DESC LIMIT 1
+                 ) d ON true
+                 ON CONFLICT (event_id) DO NOTHING
+                 RETURNING id, delivery_id",
+                &[&lead_id, &event_id, &order_id, &amount, &currency, &window, &code],
+            )
+            .await?
+        }
+    };
+    let Some(row) = inserted else {
+        return Ok(0);
+    };
+    metrics::converted();
+    let conversion_id: i64 = row.try_get(0)?;
+    if let Some(c) = &by_code {
+        codes::mark_redeemed(tx, c.id, conversion_id).await?;
+    }
+    if let Some(delivery_id) = row.try_get::<_, Option<i64>>(1)? {
+        let order = serde_json::json!({
+            "id": order_id,
+            "amount": data.get("amount").filter(|a| a.is_number() || a.is_string()),
+            "currency": currency,
+            "discount_code": code,
+        });
+        notify::enqueue(
+            tx,
+            notify::About::Delivery(delivery_id),
+            notify::Kind::Converted,
+            serde_json::json!({ "order": order }),
         )
         .await?;
-    if inserted > 0 {
-        metrics::converted();
     }
-    Ok(inserted as usize)
+    Ok(1)
 }
 
 #[cfg(test)]

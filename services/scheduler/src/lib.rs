@@ -1,12 +1,17 @@
 //! scheduler: enrolls leads in matching campaigns, keeps each follow-up as a durable timer row, and hands due
 //! deliveries to the renderer. Several replicas run safely: claims use `FOR UPDATE SKIP LOCKED`.
 
+pub mod abtest;
 pub mod campaigns;
+pub mod codes;
 pub mod consumer;
 pub mod enroll;
 mod metrics;
+pub mod notify;
+pub mod results;
 pub mod stats;
 pub mod timer;
+pub mod timing;
 
 use tokio_util::sync::CancellationToken;
 
@@ -15,5 +20,7 @@ use leadflow_shared::service::{Context, Service};
 pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
     Service::new("scheduler")
         .task("consumer", consumer::run(ctx.clone(), shutdown.clone()))
-        .task("timer", timer::run(ctx.clone(), shutdown))
+        .task("timer", timer::run(ctx.clone(), shutdown.clone()))
+        .task("notify", notify::run(ctx.clone(), shutdown.clone()))
+        .task("results", results::run(ctx.clone(), shutdown))
 }

@@ -10,7 +10,7 @@ use leadflow_shared::messages::WorkMessage;
 use leadflow_shared::service::Context;
 use leadflow_shared::settings;
 
-use crate::metrics;
+use crate::{metrics, timing};
 
 /// Ids per published message: one message carries a batch, so a due step costs one broker hop per batch.
 const IDS_PER_MESSAGE: usize = 100;
@@ -24,6 +24,8 @@ pub struct Tick {
     pub requeued: usize,
     pub uncertain: usize,
     pub swept_events: usize,
+    /// A/B tests whose end criterion was met.
+    pub ab_decided: usize,
 }
 
 impl Tick {
@@ -82,12 +84,20 @@ pub async fn run_tick(ctx: &Context, sweep: bool) -> anyhow::Result<Tick> {
         done.uncertain = uncertain;
         done.swept_events = sweep_events(ctx).await.context("failed to sweep events")?;
     }
+    // Every tick (sweep ticks included), whatever the send switch: one query on the campaigns table when no test
+    // runs. A failure is logged and does not hold up the follow-ups.
+    match crate::abtest::decide(&ctx.pool.get().await?).await {
+        Ok(decided) => done.ab_decided = decided.len(),
+        Err(e) => tracing::warn!(error = format!("{e:#}"), "failed to check A/B tests for a winner"),
+    }
     Ok(done)
 }
 
 /// Claims due pending deliveries, publishes them to the renderer, and commits only after the broker confirmed.
 /// A crash before the commit leaves the rows pending (claimed again later); after it, they are queued and the
 /// messages are in the broker. Either way no step is lost; a duplicate message finds the row no longer queued.
+/// Rows the campaign's send window or the lead's frequency cap holds back stay pending, due at their next allowed
+/// moment (`crate::timing`). Returns how many due rows were handled: published or deferred.
 pub async fn publish_due(ctx: &Context) -> anyhow::Result<usize> {
     claim_and_publish(ctx, "pending", "queued", |ids| WorkMessage::DeliveriesDueV1 {
         delivery_ids: ids,
@@ -130,26 +140,40 @@ async fn claim_and_publish(
     let mut client = ctx.pool.get().await?;
     let tx = client.transaction().await?;
     let limit = ctx.config.scheduler.batch as i64;
-    let rows = tx
-        .query(
-            "UPDATE deliveries SET state = $2, updated_at = now()
-             WHERE id IN (SELECT id FROM deliveries
-                          WHERE state = $1 AND due_at <= now()
-                          ORDER BY due_at LIMIT $3
-                          FOR UPDATE SKIP LOCKED)
-             RETURNING id",
-            &[&from, &to, &limit],
-        )
-        .await?;
-    if rows.is_empty() {
+    // Follow-ups coming due pass the send-window and frequency-cap gate; a retry is already on its way and does not.
+    let claimed = if from == "pending" {
+        timing::claim_pending(&tx, to, limit).await?
+    } else {
+        let rows = tx
+            .query(
+                "UPDATE deliveries SET state = $2, updated_at = now()
+                 WHERE id IN (SELECT id FROM deliveries
+                              WHERE state = $1 AND due_at <= now()
+                              ORDER BY due_at LIMIT $3
+                              FOR UPDATE SKIP LOCKED)
+                 RETURNING id",
+                &[&from, &to, &limit],
+            )
+            .await?;
+        timing::Claimed {
+            ids: rows.iter().map(|r| r.get(0)).collect(),
+            deferred: Vec::new(),
+        }
+    };
+    let ids = &claimed.ids;
+    if !ids.is_empty() {
+        let messages: Vec<WorkMessage> = ids.chunks(IDS_PER_MESSAGE).map(|c| message(c.to_vec())).collect();
+        ctx.publisher.publish_all(&messages).await?;
+    }
+    if ids.is_empty() && claimed.deferred.is_empty() {
         return Ok(0);
     }
-    let ids: Vec<i64> = rows.iter().map(|r| r.get(0)).collect();
-    let messages: Vec<WorkMessage> = ids.chunks(IDS_PER_MESSAGE).map(|c| message(c.to_vec())).collect();
-    ctx.publisher.publish_all(&messages).await?;
     tx.commit().await?;
-    metrics::published(to, ids.len());
-    Ok(ids.len())
+    claimed.record();
+    if !ids.is_empty() {
+        metrics::published(to, ids.len());
+    }
+    Ok(ids.len() + claimed.deferred_count())
 }
 
 /// Work handed out but not progressing for a whole lease: queued or rendered rows go back to pending (the

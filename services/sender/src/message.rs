@@ -40,6 +40,8 @@ pub struct RenderedMessage {
     pub subject: String,
     pub body_text: String,
     pub body_html: String,
+    /// The campaign's BCC address: a copy goes there through the SMTP envelope, never as a visible header.
+    pub bcc: Option<String>,
 }
 
 /// Who follow-ups come from.
@@ -89,9 +91,16 @@ pub fn build(sender: &Sender, rendered: &RenderedMessage) -> Result<Built, Build
         uuid::Uuid::new_v4().simple(),
         sender.address.domain()
     );
-    let message = Message::builder()
+    let mut builder = Message::builder()
         .from(Mailbox::new(sender.name.clone(), sender.address.clone()))
-        .to(Mailbox::new(to_name, to_address))
+        .to(Mailbox::new(to_name, to_address));
+    if let Some(bcc) = rendered.bcc.as_deref().map(str::trim).filter(|b| !b.is_empty()) {
+        let bcc = bcc
+            .parse::<Address>()
+            .map_err(|e| BuildError(format!("the campaign's BCC address is not valid: {e}")))?;
+        builder = builder.bcc(Mailbox::new(None, bcc));
+    }
+    let message = builder
         .subject(header_text(&rendered.subject))
         .message_id(Some(message_id.clone()))
         .header(DeliveryHeader(rendered.delivery_id))
@@ -184,6 +193,7 @@ mod tests {
 
     fn rendered(text: &str, html: &str) -> RenderedMessage {
         RenderedMessage {
+            bcc: None,
             delivery_id: 42,
             to_address: "ann@example.com".into(),
             to_name: Some("Ann Lee".into()),
@@ -199,6 +209,18 @@ mod tests {
 
     fn decode(encoded: &str) -> String {
         String::from_utf8(quoted_printable::decode(encoded, quoted_printable::ParseMode::Strict).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn a_campaign_bcc_goes_to_the_envelope_and_never_into_the_headers() {
+        let mut message = rendered("hello", "<p>hello</p>");
+        message.bcc = Some("sales@shop.example".into());
+        let built = build(&sender(), &message).unwrap();
+        let to: Vec<String> = built.message.envelope().to().iter().map(|a| a.to_string()).collect();
+        assert_eq!(to, vec!["ann@example.com", "sales@shop.example"]);
+        assert!(!formatted(&built).to_ascii_lowercase().contains("bcc:"));
+        message.bcc = Some("not an address".into());
+        assert!(build(&sender(), &message).unwrap_err().0.contains("BCC"));
     }
 
     #[test]

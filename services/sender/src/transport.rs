@@ -156,6 +156,7 @@ mod tests {
 
     fn message(id: i64) -> Message {
         let rendered = RenderedMessage {
+            bcc: None,
             delivery_id: id,
             to_address: "ann@example.com".into(),
             to_name: None,

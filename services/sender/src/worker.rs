@@ -13,6 +13,7 @@ use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 
+use leadflow_scheduler::notify;
 use leadflow_shared::amqp::{self, Outcome};
 use leadflow_shared::domain::mask_email;
 use leadflow_shared::messages::WorkMessage;
@@ -175,17 +176,30 @@ async fn send_one(ctx: &Context, transport: &Transport, sender: &Sender, id: i64
 
     match sent {
         Ok(()) => {
-            let updated = ctx
-                .pool
-                .get()
+            let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
+            let tx = client
+                .transaction()
                 .await
-                .context("failed to get a database connection")?
+                .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
+            let updated = tx
                 .execute(
                     "UPDATE deliveries
                         SET state = 'sent', message_id = $2, sent_at = now(), reason = NULL, updated_at = now()
                       WHERE id = $1 AND state = 'sending'",
                     &[&id, &built.message_id],
                 )
+                .await
+                .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
+            if updated > 0 {
+                notify::enqueue(
+                    &tx,
+                    notify::About::Delivery(id),
+                    notify::Kind::EmailSent,
+                    serde_json::Value::Null,
+                )
+                .await?;
+            }
+            tx.commit()
                 .await
                 .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
             if updated == 0 {
@@ -223,15 +237,30 @@ async fn send_one(ctx: &Context, transport: &Transport, sender: &Sender, id: i64
 }
 
 async fn record_failed(ctx: &Context, id: i64, reason: &str, masked_to: &str) -> anyhow::Result<Fate> {
-    ctx.pool
-        .get()
+    let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
+    let tx = client
+        .transaction()
         .await
-        .context("failed to get a database connection")?
+        .with_context(|| format!("failed to record delivery {id} as failed"))?;
+    let updated = tx
         .execute(
             "UPDATE deliveries SET state = 'failed', reason = $2, updated_at = now()
               WHERE id = $1 AND state = 'sending'",
             &[&id, &reason],
         )
+        .await
+        .with_context(|| format!("failed to record delivery {id} as failed"))?;
+    // A permanent "no such user" reply is a bounce the campaign's notify_url hears of.
+    if updated > 0 && reason.starts_with("smtp: ") && notify::is_hard_bounce(reason) {
+        notify::enqueue(
+            &tx,
+            notify::About::Delivery(id),
+            notify::Kind::Bounced,
+            serde_json::json!({ "reason": reason.trim_start_matches("smtp: ") }),
+        )
+        .await?;
+    }
+    tx.commit()
         .await
         .with_context(|| format!("failed to record delivery {id} as failed"))?;
     metrics::failed(id, masked_to, reason);
@@ -249,10 +278,11 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
         .query_opt(
             "WITH target AS (
                  SELECT d.id, d.state, e.status AS enrollment_status, e.reason AS enrollment_reason,
-                        l.suppressed_reason
+                        l.suppressed_reason, cp.bcc
                    FROM deliveries d
                    JOIN enrollments e ON e.id = d.enrollment_id
                    JOIN leads l ON l.id = d.lead_id
+                   JOIN campaigns cp ON cp.id = d.campaign_id
                   WHERE d.id = $1
                     FOR UPDATE OF d
              ),
@@ -273,7 +303,7 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
                  RETURNING d.reason
              )
              SELECT c.attempts, x.reason AS cancelled_reason, r.delivery_id,
-                    r.to_address, r.to_name, r.subject, r.body_text, r.body_html
+                    r.to_address, r.to_name, r.subject, r.body_text, r.body_html, t.bcc
                FROM target t
                LEFT JOIN claimed c ON true
                LEFT JOIN cancelled x ON true
@@ -300,6 +330,7 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
             subject: row.try_get("subject")?,
             body_text: row.try_get("body_text")?,
             body_html: row.try_get("body_html")?,
+            bcc: row.try_get("bcc")?,
         }),
     };
     Ok(Claim::Claimed { attempts, rendered })

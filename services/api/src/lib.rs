@@ -1,0 +1,71 @@
+//! The admin REST API under `/v1/admin`: campaigns, templates (with preview), stats and settings, authenticated
+//! with API keys (`Authorization: Bearer lf_...`). Every error is `application/problem+json`.
+//!
+//! Reading needs a key with the `read` scope, changing campaigns and templates `write`, changing settings `admin`
+//! (see [`keys::Scope`]). Keys are created with `leadflow keys create` ([`keys::create`]).
+
+pub mod auth;
+pub mod campaigns;
+pub mod keys;
+mod metrics;
+pub mod problem;
+pub mod results;
+pub mod templates;
+
+use axum::http::StatusCode;
+use axum::routing::{any, get, post, put};
+use axum::Router;
+use deadpool_postgres::Pool;
+use tokio_util::sync::CancellationToken;
+
+use leadflow_shared::http::Problem;
+use leadflow_shared::service::{Context, Service};
+
+/// What every admin handler shares.
+#[derive(Clone)]
+pub struct ApiState {
+    pub pool: Pool,
+}
+
+/// The admin API: routes only, no background tasks.
+pub fn service(ctx: &Context, _shutdown: CancellationToken) -> Service {
+    Service::new("api").routes(routes(ctx.pool.clone()))
+}
+
+/// Every `/v1/admin` route.
+pub fn routes(pool: Pool) -> Router {
+    Router::new()
+        .route("/v1/admin/campaigns", get(campaigns::list).post(campaigns::create))
+        .route("/v1/admin/campaigns/{name}", get(campaigns::get).put(campaigns::put))
+        .route("/v1/admin/campaigns/{name}/activate", post(campaigns::activate))
+        .route("/v1/admin/campaigns/{name}/deactivate", post(campaigns::deactivate))
+        .route("/v1/admin/templates", get(templates::list))
+        .route(
+            "/v1/admin/templates/{name}/{language}",
+            get(templates::get).put(templates::put),
+        )
+        .route(
+            "/v1/admin/templates/{name}/{language}/preview",
+            post(templates::preview),
+        )
+        .route("/v1/admin/stats", get(results::stats))
+        .route("/v1/admin/settings", get(results::get_settings))
+        .route("/v1/admin/settings/{key}", put(results::put_setting))
+        .route("/v1/admin", any(not_found))
+        .route("/v1/admin/{*rest}", any(not_found))
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(axum::middleware::from_fn(metrics::track))
+        .with_state(ApiState { pool })
+}
+
+async fn not_found() -> Problem {
+    problem::not_found("no such admin endpoint; see docs/admin-api.md")
+}
+
+async fn method_not_allowed() -> Problem {
+    Problem::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method-not-allowed",
+        "this endpoint does not take that method; see docs/admin-api.md",
+    )
+}

@@ -1,0 +1,58 @@
+//! Campaign results as Prometheus gauges, refreshed from PostgreSQL: per campaign and step, leads targeted,
+//! follow-ups sent, bounced and converted, and attributed value per currency. Labels are campaign names and
+//! steps (a bounded set a marketer defines), never a lead.
+
+use std::time::Duration;
+
+use tokio_util::sync::CancellationToken;
+
+use leadflow_shared::service::Context;
+
+use crate::stats::{campaign_stats, StepStats};
+
+/// How often the gauges are recomputed.
+const REFRESH: Duration = Duration::from_secs(15);
+
+pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
+    loop {
+        if let Err(e) = refresh(&ctx).await {
+            tracing::warn!(error = format!("{e:#}"), "failed to refresh campaign result metrics");
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(REFRESH) => {}
+        }
+    }
+}
+
+pub async fn refresh(ctx: &Context) -> anyhow::Result<usize> {
+    let client = ctx.pool.get().await?;
+    let rows = campaign_stats(&client).await?;
+    for row in &rows {
+        export(row);
+    }
+    Ok(rows.len())
+}
+
+fn export(row: &StepStats) {
+    let campaign = row.campaign.clone();
+    let step = row.step.map_or_else(|| "all".to_string(), |s| s.to_string());
+    let labels = [("campaign", campaign.clone()), ("step", step.clone())];
+    metrics::gauge!("leadflow_campaign_targeted", &labels).set(row.targeted as f64);
+    metrics::gauge!("leadflow_campaign_sent", &labels).set(row.sent as f64);
+    metrics::gauge!("leadflow_campaign_bounced", &labels).set(row.bounced as f64);
+    metrics::gauge!("leadflow_campaign_converted", &labels).set(row.conversions as f64);
+    metrics::gauge!("leadflow_campaign_conversion_rate", &labels).set(row.conversion_rate);
+    for value in &row.value {
+        if let Some((currency, amount)) = value.split_once(' ') {
+            if let Ok(amount) = amount.parse::<f64>() {
+                let labels = [
+                    ("campaign", campaign.clone()),
+                    ("step", step.clone()),
+                    ("currency", currency.to_string()),
+                ];
+                metrics::gauge!("leadflow_campaign_value", &labels).set(amount);
+            }
+        }
+    }
+}
