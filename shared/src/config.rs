@@ -11,6 +11,7 @@ use std::time::Duration;
 use secrecy::{ExposeSecret, SecretString};
 
 use crate::domain::{parse_delay, EmailAddress};
+use crate::tokens::Keyring;
 
 /// A configuration value that could not be used, naming the variable that holds it.
 #[derive(Debug, thiserror::Error)]
@@ -97,7 +98,23 @@ pub struct Config {
     pub scheduler: SchedulerConfig,
     pub sender: SenderConfig,
     pub notify: NotifyConfig,
+    pub mail: MailConfig,
     pub log: LogConfig,
+}
+
+/// Consent and deliverability: unsubscribe links, signed tokens, the bounce domain.
+#[derive(Debug, Clone)]
+pub struct MailConfig {
+    /// `LEADFLOW_PUBLIC_URL`: where people reach the unsubscribe page (`<url>/u/<token>`), e.g. https://mail.shop.example.
+    pub public_url: String,
+    /// `LEADFLOW_TOKEN_KEYS`: `id:secret[,id:secret]` signing unsubscribe and bounce tokens; the first signs, all
+    /// verify (rotation). Unset: a random key per process (development only: links break on restart).
+    pub keyring: Keyring,
+    /// Whether the keyring came from `LEADFLOW_TOKEN_KEYS` (false: a throwaway development key).
+    pub keyring_configured: bool,
+    /// `LEADFLOW_BOUNCE_DOMAIN`: the domain of VERP return paths (`bounces+<token>@<domain>`) and of the mailto
+    /// unsubscribe address (`unsubscribe@<domain>`). Unset: the From address's domain.
+    pub bounce_domain: String,
 }
 
 #[derive(Debug, Clone)]
@@ -319,6 +336,38 @@ impl Config {
             });
         }
 
+        let (keyring, keyring_configured) = match src.get("LEADFLOW_TOKEN_KEYS") {
+            Some(raw) => (
+                Keyring::parse(raw).map_err(|e| ConfigError {
+                    var: "LEADFLOW_TOKEN_KEYS".into(),
+                    reason: e.0,
+                })?,
+                true,
+            ),
+            None => (Keyring::ephemeral(), false),
+        };
+        let public_url = src
+            .string("LEADFLOW_PUBLIC_URL", "http://127.0.0.1:8080")
+            .trim_end_matches('/')
+            .to_string();
+        validate_url("LEADFLOW_PUBLIC_URL", &public_url, &["http", "https"])?;
+        let bounce_domain = src.string(
+            "LEADFLOW_BOUNCE_DOMAIN",
+            smtp.from.as_str().rsplit('@').next().unwrap_or(""),
+        );
+        if bounce_domain.is_empty() || bounce_domain.contains(['@', ' ', '/']) {
+            return Err(ConfigError {
+                var: "LEADFLOW_BOUNCE_DOMAIN".into(),
+                reason: "must be a domain name such as bounces.shop.example".into(),
+            });
+        }
+        let mail = MailConfig {
+            public_url,
+            keyring,
+            keyring_configured,
+            bounce_domain: bounce_domain.to_ascii_lowercase(),
+        };
+
         let log = LogConfig {
             format: match src.string("LEADFLOW_LOG_FORMAT", "json").as_str() {
                 "json" => LogFormat::Json,
@@ -341,6 +390,7 @@ impl Config {
             scheduler,
             sender,
             notify,
+            mail,
             log,
         })
     }

@@ -8,5 +8,7 @@ pub mod http;
 pub mod messages;
 pub mod service;
 pub mod settings;
+pub mod suppression;
 pub mod telemetry;
+pub mod tokens;
 pub mod topology;

@@ -34,6 +34,12 @@ pub struct Context {
 impl Context {
     /// Connects to PostgreSQL (checking the schema is migrated) and RabbitMQ (declaring the topology).
     pub async fn connect(config: Config, name: &str) -> anyhow::Result<Self> {
+        if !config.mail.keyring_configured {
+            tracing::warn!(
+                "LEADFLOW_TOKEN_KEYS is not set: unsubscribe links are signed with a throwaway key and stop working \
+                 when this process restarts"
+            );
+        }
         let pool = crate::db::pool(&config.database)?;
         crate::db::check_schema(&pool).await?;
         let connection = amqp::connect(&config.amqp, name).await?;

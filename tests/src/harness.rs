@@ -33,6 +33,9 @@ use crate::smtp::SmtpServer;
 /// How long a test waits for background work before it fails.
 pub const DEADLINE: Duration = Duration::from_secs(25);
 
+/// The token keys every test app signs unsubscribe and bounce tokens with (tests sign their own to compare).
+pub const TEST_TOKEN_KEYS: &str = "t1:test-token-key-0123456789abcdef0123456789";
+
 /// The advisory lock key that serialises template creation across test processes ("lf-tmpl").
 const TEMPLATE_LOCK: i64 = 0x006c_662d_746d_706c;
 
@@ -468,6 +471,7 @@ impl TestApp {
             ("LEADFLOW_DATABASE_URL", database_url(&database)),
             ("LEADFLOW_DATABASE_POOL_SIZE", "8".into()),
             ("LEADFLOW_AMQP_URL", amqp_url()),
+            ("LEADFLOW_TOKEN_KEYS", TEST_TOKEN_KEYS.into()),
             ("LEADFLOW_NAMESPACE", namespace.clone()),
             ("LEADFLOW_AMQP_QUEUE_EXPIRES", "2m".into()),
             ("LEADFLOW_SMTP_URL", smtp.url()),

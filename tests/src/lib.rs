@@ -3,5 +3,5 @@
 pub mod harness;
 pub mod smtp;
 
-pub use harness::{event, wait_until, DeliveryRow, ServiceProcess, TestApp, TestAppBuilder, DEADLINE};
+pub use harness::{event, wait_until, DeliveryRow, ServiceProcess, TestApp, TestAppBuilder, DEADLINE, TEST_TOKEN_KEYS};
 pub use smtp::{Captured, Rule, SmtpServer, Stage};
