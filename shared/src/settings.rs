@@ -29,6 +29,8 @@ pub fn known_keys() -> Vec<(String, &'static str)> {
         (STALE_AFTER.to_string(), "a duration, e.g. 3d"),
         (ATTRIBUTION_WINDOW.to_string(), "a duration, e.g. 5d"),
         (FREQUENCY_CAP.to_string(), "N/duration, e.g. 2/1d, or off"),
+        (SOFT_BOUNCE_LIMIT.to_string(), "a count, e.g. 5 (0: never)"),
+        (SOFT_BOUNCE_WINDOW.to_string(), "a duration, e.g. 7d"),
     ];
     for source in LeadSource::ALL {
         keys.push((format!("{MIN_DELAY_PREFIX}{}", source.as_str()), "a duration, e.g. 1h"));
@@ -36,8 +38,33 @@ pub fn known_keys() -> Vec<(String, &'static str)> {
     keys
 }
 
+/// `soft_bounce_limit`: this many transient failures for one address within `soft_bounce_window` suppress it.
+pub const SOFT_BOUNCE_LIMIT: &str = "soft_bounce_limit";
+/// `soft_bounce_window`: the period soft bounces are counted over.
+pub const SOFT_BOUNCE_WINDOW: &str = "soft_bounce_window";
+pub const DEFAULT_SOFT_BOUNCE_LIMIT: u32 = 5;
+pub const DEFAULT_SOFT_BOUNCE_WINDOW: Duration = Duration::from_secs(7 * 86_400);
+
+/// The soft-bounce rule: (limit, window).
+pub async fn soft_bounce_rule(client: &impl GenericClient) -> anyhow::Result<(u32, Duration)> {
+    let limit = stored(client, SOFT_BOUNCE_LIMIT)
+        .await?
+        .and_then(|v| v.as_u64())
+        .map(|n| n.min(u64::from(u32::MAX)) as u32)
+        .unwrap_or(DEFAULT_SOFT_BOUNCE_LIMIT);
+    let window = duration(stored(client, SOFT_BOUNCE_WINDOW).await?).unwrap_or(DEFAULT_SOFT_BOUNCE_WINDOW);
+    Ok((limit, window))
+}
+
 /// Parses a value typed by a user for `key` into what is stored.
 pub fn parse_value(key: &str, raw: &str) -> Result<Value, Invalid> {
+    if key == SOFT_BOUNCE_LIMIT {
+        let n: u32 = raw
+            .trim()
+            .parse()
+            .map_err(|_| Invalid(format!("{key}: expected a whole number, got {raw:?}")))?;
+        return Ok(Value::from(n));
+    }
     if key == FREQUENCY_CAP {
         let cap = FrequencyCap::parse(raw).map_err(|e| Invalid(format!("{key}: {}", e.0)))?;
         return Ok(Value::String(cap.map_or_else(|| "off".to_string(), |c| c.to_string())));
@@ -50,6 +77,7 @@ pub fn parse_value(key: &str, raw: &str) -> Result<Value, Invalid> {
         };
     }
     let is_duration = key == STALE_AFTER
+        || key == SOFT_BOUNCE_WINDOW
         || key == ATTRIBUTION_WINDOW
         || key
             .strip_prefix(MIN_DELAY_PREFIX)
@@ -97,6 +125,8 @@ fn default_of(key: &str) -> Value {
         STALE_AFTER => Value::String(format_delay(DEFAULT_STALE_AFTER)),
         ATTRIBUTION_WINDOW => Value::String(format_delay(DEFAULT_ATTRIBUTION_WINDOW)),
         FREQUENCY_CAP => Value::String("off".into()),
+        SOFT_BOUNCE_LIMIT => Value::from(DEFAULT_SOFT_BOUNCE_LIMIT),
+        SOFT_BOUNCE_WINDOW => Value::String(format_delay(DEFAULT_SOFT_BOUNCE_WINDOW)),
         _ => Value::String("0s".into()),
     }
 }

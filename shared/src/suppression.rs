@@ -170,6 +170,51 @@ pub async fn resubscribe(
     Ok(true)
 }
 
+/// Records a transient failure (4xx, or a DSN `delayed`-then-failed soft status) for the address. When the address
+/// has `limit` of them within `window` with no success in between, it is suppressed as bounced (source
+/// `soft-bounces`); returns the suppression in that case. A repeat for the same delivery and status counts once.
+pub async fn record_soft_bounce(
+    tx: &impl GenericClient,
+    email: &EmailAddress,
+    delivery_id: Option<i64>,
+    status: &str,
+    limit: u32,
+    window: std::time::Duration,
+) -> anyhow::Result<Option<Suppressed>> {
+    let hash = email_hash(email);
+    tx.execute(
+        "INSERT INTO soft_bounces (email_hash, delivery_id, status) VALUES ($1, $2, $3)
+         ON CONFLICT (delivery_id, status) DO NOTHING",
+        &[&hash, &delivery_id, &status],
+    )
+    .await?;
+    let in_window: i64 = tx
+        .query_one(
+            "SELECT count(*) FROM soft_bounces
+             WHERE email_hash = $1 AND created_at > now() - make_interval(secs => $2)",
+            &[&hash, &window.as_secs_f64()],
+        )
+        .await?
+        .get(0);
+    if limit == 0 || in_window < i64::from(limit) {
+        return Ok(None);
+    }
+    let note = format!(
+        "{in_window} transient failures within {}",
+        crate::domain::format_delay(window)
+    );
+    Ok(Some(
+        suppress(tx, email, Reason::Bounced, "soft-bounces", None, Some(&note)).await?,
+    ))
+}
+
+/// A delivery to the address succeeded: its run of soft bounces starts over.
+pub async fn clear_soft_bounces(tx: &impl GenericClient, email: &EmailAddress) -> anyhow::Result<u64> {
+    Ok(tx
+        .execute("DELETE FROM soft_bounces WHERE email_hash = $1", &[&email_hash(email)])
+        .await?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
