@@ -99,7 +99,150 @@ pub struct Config {
     pub sender: SenderConfig,
     pub notify: NotifyConfig,
     pub mail: MailConfig,
+    /// `LEADFLOW_DKIM_*`: DKIM signing of every email; `None` when none of the variables is set.
+    pub dkim: Option<DkimConfig>,
     pub log: LogConfig,
+}
+
+/// DKIM signing (RFC 6376): the domain, the selector and the private key, all three or none.
+#[derive(Debug, Clone)]
+pub struct DkimConfig {
+    /// `LEADFLOW_DKIM_DOMAIN`: the signing domain (`d=`), the From address's domain or a parent of it (DMARC).
+    pub domain: String,
+    /// `LEADFLOW_DKIM_SELECTOR`: the selector (`s=`); the public key is published at
+    /// `<selector>._domainkey.<domain>`.
+    pub selector: String,
+    /// `LEADFLOW_DKIM_PRIVATE_KEY` (PEM text) or `LEADFLOW_DKIM_PRIVATE_KEY_FILE` (a PEM file): RSA (PKCS#1 or
+    /// PKCS#8) or Ed25519 (PKCS#8), unencrypted.
+    pub key: DkimKey,
+    /// The variable the key came from, for errors about it.
+    pub key_var: &'static str,
+}
+
+/// A DKIM private key, decoded from PEM at start-up.
+#[derive(Clone, PartialEq, Eq)]
+pub enum DkimKey {
+    /// An RSA key: its PKCS#1 `RSAPrivateKey` DER.
+    Rsa(Vec<u8>),
+    /// An Ed25519 key (RFC 8463): its 32-byte seed.
+    Ed25519([u8; 32]),
+}
+
+impl std::fmt::Debug for DkimKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never the key material.
+        write!(f, "DkimKey::{}(..)", self.algorithm())
+    }
+}
+
+/// DER object identifiers of the key algorithms (contents of the OID, without tag and length).
+const OID_RSA_ENCRYPTION: &[u8] = &[0x2a, 0x86, 0x48, 0x86, 0xf7, 0x0d, 0x01, 0x01, 0x01];
+const OID_ED25519: &[u8] = &[0x2b, 0x65, 0x70];
+
+impl DkimKey {
+    /// `rsa` or `ed25519`, as in the DKIM `a=` and `k=` tags.
+    pub fn algorithm(&self) -> &'static str {
+        match self {
+            Self::Rsa(_) => "rsa",
+            Self::Ed25519(_) => "ed25519",
+        }
+    }
+
+    /// Decodes a PEM private key: `RSA PRIVATE KEY` (PKCS#1) or `PRIVATE KEY` (PKCS#8, RSA or Ed25519). A value
+    /// written with literal `\n` for line breaks (common in `.env` files) is accepted too.
+    pub fn from_pem(text: &str) -> Result<Self, String> {
+        let text = text.replace("\\n", "\n");
+        let begin = text
+            .find("-----BEGIN ")
+            .ok_or("expected a PEM private key (-----BEGIN PRIVATE KEY----- or -----BEGIN RSA PRIVATE KEY-----)")?;
+        let rest = &text[begin + "-----BEGIN ".len()..];
+        let label_end = rest.find("-----").ok_or("a PEM header without its closing dashes")?;
+        let label = &rest[..label_end];
+        let body = &rest[label_end + 5..];
+        let end_marker = format!("-----END {label}-----");
+        let body = &body[..body.find(&end_marker).ok_or_else(|| format!("no {end_marker} line"))?];
+        let clean: String = body.chars().filter(|c| !c.is_ascii_whitespace()).collect();
+        use base64::Engine as _;
+        let der = base64::engine::general_purpose::STANDARD
+            .decode(clean.as_bytes())
+            .map_err(|e| format!("the PEM body is not base64: {e}"))?;
+        match label {
+            "RSA PRIVATE KEY" => rsa_pkcs1(&der).map(|()| Self::Rsa(der)),
+            "PRIVATE KEY" => Self::from_pkcs8(&der),
+            "ENCRYPTED PRIVATE KEY" => Err("an encrypted key; export it unencrypted (openssl pkey -in key.pem)".into()),
+            "PUBLIC KEY" | "RSA PUBLIC KEY" => Err("a public key; the private key is needed".into()),
+            other => Err(format!(
+                "a {other:?} PEM block; expected PRIVATE KEY (PKCS#8) or RSA PRIVATE KEY (PKCS#1)"
+            )),
+        }
+    }
+
+    /// PKCS#8 `PrivateKeyInfo`: version, algorithm identifier, the key in an OCTET STRING.
+    fn from_pkcs8(der: &[u8]) -> Result<Self, String> {
+        let malformed = || "a malformed PKCS#8 key".to_string();
+        let (info, _) = der_expect(der, 0x30).ok_or_else(malformed)?;
+        let (_version, rest) = der_expect(info, 0x02).ok_or_else(malformed)?;
+        let (algorithm, rest) = der_expect(rest, 0x30).ok_or_else(malformed)?;
+        let (oid, _) = der_expect(algorithm, 0x06).ok_or_else(malformed)?;
+        let (key, _) = der_expect(rest, 0x04).ok_or_else(malformed)?;
+        if oid == OID_RSA_ENCRYPTION {
+            rsa_pkcs1(key)?;
+            Ok(Self::Rsa(key.to_vec()))
+        } else if oid == OID_ED25519 {
+            // CurvePrivateKey ::= OCTET STRING (the 32-byte seed).
+            let (seed, _) = der_expect(key, 0x04).ok_or_else(malformed)?;
+            let seed: [u8; 32] = seed
+                .try_into()
+                .map_err(|_| "an Ed25519 key must hold 32 bytes".to_string())?;
+            Ok(Self::Ed25519(seed))
+        } else {
+            Err("an unsupported key algorithm; use RSA (2048 bits or more) or Ed25519".into())
+        }
+    }
+}
+
+/// Checks a PKCS#1 `RSAPrivateKey`: two-prime version 0 with nine integers and a modulus of at least 1024 bits.
+fn rsa_pkcs1(der: &[u8]) -> Result<(), String> {
+    let malformed = || "a malformed RSA key".to_string();
+    let (mut fields, _) = der_expect(der, 0x30).ok_or_else(malformed)?;
+    let mut integers = Vec::with_capacity(9);
+    while !fields.is_empty() {
+        let (value, rest) = der_expect(fields, 0x02).ok_or_else(malformed)?;
+        integers.push(value);
+        fields = rest;
+    }
+    if integers.len() != 9 || integers[0] != [0] {
+        return Err("an RSA key must be a two-prime PKCS#1 key".into());
+    }
+    let modulus = integers[1];
+    let bits = modulus.iter().skip_while(|b| **b == 0).count() * 8;
+    if bits < 1024 {
+        return Err(format!(
+            "an RSA key of about {bits} bits; DKIM needs at least 1024 (2048 recommended)"
+        ));
+    }
+    Ok(())
+}
+
+/// One DER element with tag `tag` at the start of `input`: its contents and what follows it.
+fn der_expect(input: &[u8], tag: u8) -> Option<(&[u8], &[u8])> {
+    let (&found, rest) = input.split_first()?;
+    if found != tag {
+        return None;
+    }
+    let (&first, mut rest) = rest.split_first()?;
+    let len = if first < 0x80 {
+        usize::from(first)
+    } else {
+        let n = usize::from(first & 0x7f);
+        if n == 0 || n > 4 || rest.len() < n {
+            return None;
+        }
+        let len = rest[..n].iter().fold(0usize, |len, b| (len << 8) | usize::from(*b));
+        rest = &rest[n..];
+        len
+    };
+    (rest.len() >= len).then(|| rest.split_at(len))
 }
 
 /// Consent and deliverability: unsubscribe links, signed tokens, the bounce domain.
@@ -203,6 +346,71 @@ pub struct SenderConfig {
     pub max_attempts: i32,
     /// `LEADFLOW_RETRY_BASE`: first retry delay; each further attempt doubles it.
     pub retry_base: Duration,
+    /// `LEADFLOW_SEND_RATE`: emails per process, e.g. `50` (per second) or `3000/m`; unset: unlimited.
+    pub send_rate: Option<Rate>,
+    /// `LEADFLOW_DOMAIN_RATES`: per recipient domain, e.g. `gmail.com=5/s,yahoo.com=100/m` (lower-cased domains).
+    pub domain_rates: Vec<(String, Rate)>,
+}
+
+/// A sending rate: `count` emails per `per`, with bursts of up to `count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    pub count: u32,
+    pub per: Duration,
+}
+
+impl Rate {
+    /// `N` (per second) or `N/s`, `N/m`, `N/h`, `N/d`; N at least 1.
+    pub fn parse(raw: &str) -> Result<Self, String> {
+        let raw = raw.trim();
+        let (count, unit) = raw.split_once('/').unwrap_or((raw, "s"));
+        let count: u32 = count
+            .trim()
+            .parse()
+            .map_err(|_| format!("expected a whole number of emails, such as 5/s or 100/m, got {raw:?}"))?;
+        if count == 0 {
+            return Err(format!("a rate must allow at least one email, got {raw:?}"));
+        }
+        let per = match unit.trim() {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => return Err(format!("unknown rate unit {other:?} (use s, m, h or d)")),
+        };
+        Ok(Self { count, per })
+    }
+
+    /// `gmail.com=5/s,yahoo.com=100/m`: each domain once, lower-cased.
+    pub fn parse_domains(raw: &str) -> Result<Vec<(String, Self)>, String> {
+        let mut out: Vec<(String, Self)> = Vec::new();
+        for entry in raw.split(',').map(str::trim).filter(|e| !e.is_empty()) {
+            let (domain, rate) = entry
+                .split_once('=')
+                .ok_or_else(|| format!("expected domain=rate, got {entry:?}"))?;
+            let domain = domain.trim().trim_start_matches('@').to_ascii_lowercase();
+            if domain.is_empty() || domain.contains(['@', ' ', '/']) {
+                return Err(format!("not a domain: {domain:?}"));
+            }
+            if out.iter().any(|(d, _)| *d == domain) {
+                return Err(format!("{domain} is listed twice"));
+            }
+            out.push((domain, Self::parse(rate)?));
+        }
+        Ok(out)
+    }
+}
+
+impl std::fmt::Display for Rate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let unit = match self.per.as_secs() {
+            60 => "m",
+            3600 => "h",
+            86_400 => "d",
+            _ => "s",
+        };
+        write!(f, "{}/{unit}", self.count)
+    }
 }
 
 /// Instant lead notifications: signed JSON POSTs to a campaign's `notify_url`.
@@ -319,6 +527,20 @@ impl Config {
             concurrency: src.positive("LEADFLOW_SENDER_CONCURRENCY", 16)?,
             max_attempts: src.parse("LEADFLOW_SENDER_MAX_ATTEMPTS", 5i32)?.max(1),
             retry_base: src.duration("LEADFLOW_RETRY_BASE", Duration::from_secs(30))?,
+            send_rate: src
+                .get("LEADFLOW_SEND_RATE")
+                .map(Rate::parse)
+                .transpose()
+                .map_err(|reason| ConfigError {
+                    var: "LEADFLOW_SEND_RATE".into(),
+                    reason,
+                })?,
+            domain_rates: Rate::parse_domains(&src.string("LEADFLOW_DOMAIN_RATES", "")).map_err(|reason| {
+                ConfigError {
+                    var: "LEADFLOW_DOMAIN_RATES".into(),
+                    reason,
+                }
+            })?,
         };
 
         let notify = NotifyConfig {
@@ -368,6 +590,8 @@ impl Config {
             bounce_domain: bounce_domain.to_ascii_lowercase(),
         };
 
+        let dkim = dkim_config(src)?;
+
         let log = LogConfig {
             format: match src.string("LEADFLOW_LOG_FORMAT", "json").as_str() {
                 "json" => LogFormat::Json,
@@ -391,9 +615,74 @@ impl Config {
             sender,
             notify,
             mail,
+            dkim,
             log,
         })
     }
+}
+
+/// `LEADFLOW_DKIM_DOMAIN`, `LEADFLOW_DKIM_SELECTOR` and `LEADFLOW_DKIM_PRIVATE_KEY` (or `_FILE`): all or none.
+fn dkim_config(src: &Source) -> Result<Option<DkimConfig>, ConfigError> {
+    let err = |var: &str, reason: String| ConfigError {
+        var: var.into(),
+        reason,
+    };
+    let domain = src.get("LEADFLOW_DKIM_DOMAIN");
+    let selector = src.get("LEADFLOW_DKIM_SELECTOR");
+    let key_text = src.get("LEADFLOW_DKIM_PRIVATE_KEY");
+    let key_file = src.get("LEADFLOW_DKIM_PRIVATE_KEY_FILE");
+    if domain.is_none() && selector.is_none() && key_text.is_none() && key_file.is_none() {
+        return Ok(None);
+    }
+    let required = "required when DKIM is configured (LEADFLOW_DKIM_DOMAIN, LEADFLOW_DKIM_SELECTOR and \
+                    LEADFLOW_DKIM_PRIVATE_KEY or LEADFLOW_DKIM_PRIVATE_KEY_FILE: all or none)";
+    let domain = domain
+        .ok_or_else(|| err("LEADFLOW_DKIM_DOMAIN", required.into()))?
+        .trim_end_matches('.')
+        .to_ascii_lowercase();
+    let selector = selector.ok_or_else(|| err("LEADFLOW_DKIM_SELECTOR", required.into()))?;
+    let dns_name = |s: &str| {
+        !s.is_empty()
+            && s.split('.').all(|label| {
+                !label.is_empty()
+                    && label.len() <= 63
+                    && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+            })
+    };
+    if !dns_name(&domain) || !domain.contains('.') {
+        return Err(err(
+            "LEADFLOW_DKIM_DOMAIN",
+            "must be a domain name such as shop.example".into(),
+        ));
+    }
+    if !dns_name(selector) {
+        return Err(err(
+            "LEADFLOW_DKIM_SELECTOR",
+            "must be letters, digits, '-' and '_' (labels separated by '.'), e.g. leadflow2026".into(),
+        ));
+    }
+    let (key_var, pem) = match (key_text, key_file) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "LEADFLOW_DKIM_PRIVATE_KEY_FILE",
+                "set LEADFLOW_DKIM_PRIVATE_KEY or LEADFLOW_DKIM_PRIVATE_KEY_FILE, not both".into(),
+            ))
+        }
+        (Some(text), None) => ("LEADFLOW_DKIM_PRIVATE_KEY", text.to_string()),
+        (None, Some(path)) => (
+            "LEADFLOW_DKIM_PRIVATE_KEY_FILE",
+            std::fs::read_to_string(path)
+                .map_err(|e| err("LEADFLOW_DKIM_PRIVATE_KEY_FILE", format!("cannot read {path}: {e}")))?,
+        ),
+        (None, None) => return Err(err("LEADFLOW_DKIM_PRIVATE_KEY", required.into())),
+    };
+    let key = DkimKey::from_pem(&pem).map_err(|reason| err(key_var, reason))?;
+    Ok(Some(DkimConfig {
+        domain,
+        selector: selector.to_string(),
+        key,
+        key_var,
+    }))
 }
 
 fn validate_url(var: &str, raw: &str, schemes: &[&str]) -> Result<(), ConfigError> {
@@ -515,5 +804,43 @@ mod tests {
         );
         assert!(parse_smtp_url("http://x").is_err());
         assert!(parse_smtp_url("file://").is_err());
+    }
+
+    #[test]
+    fn send_rates_parse_per_process_and_per_domain() {
+        let config = Config::load(&Source::from_pairs([
+            ("LEADFLOW_SEND_RATE", "50"),
+            ("LEADFLOW_DOMAIN_RATES", "Gmail.com=5/s, yahoo.com=100/m"),
+        ]))
+        .unwrap();
+        let per_second = |count| Rate {
+            count,
+            per: Duration::from_secs(1),
+        };
+        assert_eq!(config.sender.send_rate, Some(per_second(50)));
+        assert_eq!(
+            config.sender.domain_rates,
+            vec![
+                ("gmail.com".to_string(), per_second(5)),
+                (
+                    "yahoo.com".to_string(),
+                    Rate {
+                        count: 100,
+                        per: Duration::from_secs(60)
+                    }
+                )
+            ]
+        );
+        assert_eq!(Config::load(&Source::default()).unwrap().sender.send_rate, None);
+        for (var, bad) in [
+            ("LEADFLOW_SEND_RATE", "0/s"),
+            ("LEADFLOW_SEND_RATE", "5/week"),
+            ("LEADFLOW_DOMAIN_RATES", "gmail.com"),
+            ("LEADFLOW_DOMAIN_RATES", "a.com=1/s,a.com=2/s"),
+        ] {
+            let err = Config::load(&Source::from_pairs([(var, bad)])).unwrap_err();
+            assert_eq!(err.var, var, "{bad}");
+        }
+        assert_eq!(Rate::parse("100/m").unwrap().to_string(), "100/m");
     }
 }

@@ -4,6 +4,7 @@ pub mod amqp;
 pub mod config;
 pub mod db;
 pub mod domain;
+pub mod dsn;
 pub mod http;
 pub mod messages;
 pub mod service;

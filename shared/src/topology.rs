@@ -5,6 +5,7 @@
 //! <ns>.work   (direct, between services)  --scheduler--> <ns>.scheduler
 //!                                         --renderer---> <ns>.renderer
 //!                                         --sender-----> <ns>.sender
+//! <ns>.bounces (fanout, an MTA pipe publishes raw bounce/complaint reports) --> <ns>.ingest.bounces
 //! <ns>.dead   (direct, poison messages)   --<queue>----> <queue>.dead
 //! ```
 //! Every work queue dead-letters to `<ns>.dead` with its own name as routing key, so a rejected message lands in
@@ -27,10 +28,18 @@ pub enum WorkQueue {
     Renderer,
     /// Rendered emails ready for SMTP, read by the sender.
     Sender,
+    /// Raw bounce and complaint reports (message/rfc822) published to the bounces exchange, read by ingest.
+    IngestBounces,
 }
 
 impl WorkQueue {
-    pub const ALL: [WorkQueue; 4] = [Self::IngestEvents, Self::Scheduler, Self::Renderer, Self::Sender];
+    pub const ALL: [WorkQueue; 5] = [
+        Self::IngestEvents,
+        Self::Scheduler,
+        Self::Renderer,
+        Self::Sender,
+        Self::IngestBounces,
+    ];
 
     /// The queue's name without the namespace; also its routing key on the work exchange.
     pub fn suffix(self) -> &'static str {
@@ -39,6 +48,7 @@ impl WorkQueue {
             Self::Scheduler => "scheduler",
             Self::Renderer => "renderer",
             Self::Sender => "sender",
+            Self::IngestBounces => "ingest.bounces",
         }
     }
 }
@@ -70,6 +80,11 @@ impl Topology {
         format!("{}.work", self.namespace)
     }
 
+    /// The fanout exchange an MTA pipe publishes raw bounce and complaint reports to (any routing key).
+    pub fn bounces_exchange(&self) -> String {
+        format!("{}.bounces", self.namespace)
+    }
+
     /// The direct exchange poison messages are published to.
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.namespace)
@@ -94,6 +109,7 @@ impl Topology {
             (self.events_exchange(), ExchangeKind::Topic),
             (self.work_exchange(), ExchangeKind::Direct),
             (self.dead_exchange(), ExchangeKind::Direct),
+            (self.bounces_exchange(), ExchangeKind::Fanout),
         ] {
             channel
                 .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
@@ -118,6 +134,7 @@ impl Topology {
             self.declare_queue(channel, &name, &mut args).await?;
             match q {
                 WorkQueue::IngestEvents => self.bind(channel, &name, &self.events_exchange(), "#").await?,
+                WorkQueue::IngestBounces => self.bind(channel, &name, &self.bounces_exchange(), "").await?,
                 _ => self.bind(channel, &name, &self.work_exchange(), q.suffix()).await?,
             }
         }
@@ -182,5 +199,7 @@ mod tests {
         assert_eq!(t.events_exchange(), "shop1.events");
         assert_eq!(t.queue(WorkQueue::Sender), "shop1.sender");
         assert_eq!(t.dead_queue(WorkQueue::Renderer), "shop1.renderer.dead");
+        assert_eq!(t.bounces_exchange(), "shop1.bounces");
+        assert_eq!(t.queue(WorkQueue::IngestBounces), "shop1.ingest.bounces");
     }
 }

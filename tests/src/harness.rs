@@ -262,6 +262,7 @@ async fn delete_namespace(config: &AmqpConfig) {
             topology.events_exchange(),
             topology.work_exchange(),
             topology.dead_exchange(),
+            topology.bounces_exchange(),
         ] {
             let _ = channel
                 .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())

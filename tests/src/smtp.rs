@@ -5,6 +5,13 @@
 //! attempts, or `550` always). Like many production MTAs it also ends DATA on a bare-LF `.` line, so a client that
 //! lets a lone-dot line through unencoded is caught: the message is cut short and the rest arrives as commands,
 //! which [`SmtpServer::unexpected_commands`] reports.
+//!
+//! For delivery guarantees it can also drop the connection after receiving a message's data without replying
+//! ([`Stage::DropAfterData`]), delay the reply to the data ([`SmtpServer::delay_data_replies`],
+//! [`SmtpServer::delay_data_reply_to`]), close the sessions that sit idle between messages
+//! ([`SmtpServer::close_idle_sessions`]), and keeps a log of every DATA transaction
+//! ([`SmtpServer::transactions`]): how much data arrived, whether it was complete, and whether the final reply was
+//! written.
 
 use std::collections::HashMap;
 use std::fmt;
@@ -41,6 +48,8 @@ pub enum Stage {
     Rcpt,
     /// The reply after the message data (content refused, queue full).
     Data,
+    /// No reply at all: after reading the whole message the server closes the connection (code and text unused).
+    DropAfterData,
 }
 
 /// A scripted failure for one recipient.
@@ -77,6 +86,11 @@ impl Rule {
         }
     }
 
+    /// Every attempt's data is read in full, then the connection is closed without a reply.
+    pub fn drop_after_data() -> Self {
+        Self::always(0, "").at(Stage::DropAfterData)
+    }
+
     /// Answers with the failure at `stage` instead.
     pub fn at(mut self, stage: Stage) -> Self {
         self.stage = stage;
@@ -84,9 +98,48 @@ impl Rule {
     }
 }
 
+/// One DATA transaction as the server saw it (from its `354` on).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Transaction {
+    /// The connection it ran on (1 for the first connection accepted).
+    pub connection: usize,
+    /// The accepted recipients.
+    pub rcpt_to: Vec<String>,
+    /// The `X-Leadflow-Delivery` header of the data received, complete or not.
+    pub delivery_id: Option<i64>,
+    /// Bytes of message data received after the `354` (before the terminating dot).
+    pub data_bytes: usize,
+    /// The terminating `.` line arrived: the whole message was received.
+    pub data_complete: bool,
+    /// The final reply the server chose (`None`: the data was cut short, or the connection was dropped).
+    pub reply: Option<String>,
+    /// The final reply was written to the socket without an error (the client may still never have read it).
+    pub reply_written: bool,
+    /// When the data was complete.
+    pub completed_at: Option<Instant>,
+}
+
+impl Transaction {
+    /// Some data of the message reached the server: the client had started sending it.
+    pub fn data_started(&self) -> bool {
+        self.data_bytes > 0 || self.data_complete
+    }
+
+    /// The server accepted the message (its 2xx reply was written).
+    pub fn accepted(&self) -> bool {
+        self.reply_written && self.reply.as_deref().is_some_and(|r| r.starts_with('2'))
+    }
+}
+
 #[derive(Debug, Default)]
 struct State {
     messages: Vec<Captured>,
+    transactions: Vec<Transaction>,
+    /// Every final DATA reply waits between these two (a deterministic spread), unless the recipient has its own.
+    data_delay: Option<(Duration, Duration)>,
+    /// Keyed by the lower-cased recipient.
+    rcpt_delays: HashMap<String, Duration>,
+    delays_served: u64,
     /// Keyed by the lower-cased recipient.
     rules: HashMap<String, Rule>,
     /// Failures already served per recipient.
@@ -119,6 +172,8 @@ pub struct SmtpServer {
     addr: SocketAddr,
     state: Arc<Mutex<State>>,
     stop: CancellationToken,
+    /// Bumped to close the sessions waiting for a command; each session watches it from its start.
+    idle_close: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl SmtpServer {
@@ -132,8 +187,14 @@ impl SmtpServer {
             .unwrap_or_else(|e| panic!("the test SMTP server has no local address: {e}"));
         let state = Arc::new(Mutex::new(State::default()));
         let stop = CancellationToken::new();
-        tokio::spawn(accept_loop(listener, state.clone(), stop.clone()));
-        Self { addr, state, stop }
+        let idle_close = Arc::new(tokio::sync::watch::Sender::new(0u64));
+        tokio::spawn(accept_loop(listener, state.clone(), stop.clone(), idle_close.clone()));
+        Self {
+            addr,
+            state,
+            stop,
+            idle_close,
+        }
     }
 
     pub fn addr(&self) -> SocketAddr {
@@ -187,6 +248,27 @@ impl SmtpServer {
     /// Connections accepted so far.
     pub fn connections(&self) -> usize {
         self.lock().connections
+    }
+
+    /// Every DATA transaction so far, in the order their `354` was sent.
+    pub fn transactions(&self) -> Vec<Transaction> {
+        self.lock().transactions.clone()
+    }
+
+    /// Delays every final reply to message data by between `min` and `max` (spread deterministically).
+    pub fn delay_data_replies(&self, min: Duration, max: Duration) {
+        self.lock().data_delay = Some((min, max.max(min)));
+    }
+
+    /// Delays the final reply to the data of messages to `rcpt` by `delay`.
+    pub fn delay_data_reply_to(&self, rcpt: &str, delay: Duration) {
+        self.lock().rcpt_delays.insert(rcpt.to_lowercase(), delay);
+    }
+
+    /// Closes every session that is waiting for its next command (kept-open client connections go stale).
+    /// A session busy with a transaction closes when it next waits for a command.
+    pub fn close_idle_sessions(&self) {
+        self.idle_close.send_modify(|generation| *generation += 1);
     }
 
     /// Waits until at least `n` messages arrived and returns all of them; panics listing what arrived on timeout.
@@ -261,7 +343,12 @@ impl fmt::Debug for SmtpServer {
     }
 }
 
-async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, stop: CancellationToken) {
+async fn accept_loop(
+    listener: TcpListener,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+    idle_close: Arc<tokio::sync::watch::Sender<u64>>,
+) {
     loop {
         let accepted = tokio::select! {
             _ = stop.cancelled() => return,
@@ -269,9 +356,14 @@ async fn accept_loop(listener: TcpListener, state: Arc<Mutex<State>>, stop: Canc
         };
         match accepted {
             Ok((stream, _)) => {
-                lock(&state).connections += 1;
+                let connection = {
+                    let mut s = lock(&state);
+                    s.connections += 1;
+                    s.connections
+                };
                 let _ = stream.set_nodelay(true);
-                tokio::spawn(session(stream, state.clone(), stop.clone()));
+                let idle = idle_close.subscribe();
+                tokio::spawn(session(stream, connection, state.clone(), stop.clone(), idle));
             }
             // Out of file descriptors and the like: pause instead of spinning.
             Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
@@ -284,7 +376,13 @@ fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
 }
 
 /// One SMTP session; ends on QUIT, on disconnect or when the server stops.
-async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: CancellationToken) {
+async fn session(
+    stream: TcpStream,
+    connection: usize,
+    state: Arc<Mutex<State>>,
+    stop: CancellationToken,
+    mut idle: tokio::sync::watch::Receiver<u64>,
+) {
     let (read, mut write) = stream.into_split();
     let mut reader = BufReader::new(read);
     if write
@@ -301,6 +399,7 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Cancellation
         buf.clear();
         let read = tokio::select! {
             _ = stop.cancelled() => return,
+            _ = idle.changed() => return,
             read = reader.read_until(b'\n', &mut buf) => read,
         };
         match read {
@@ -351,12 +450,83 @@ async fn session(stream: TcpStream, state: Arc<Mutex<State>>, stop: Cancellation
                     {
                         return;
                     }
+                    let index = {
+                        let mut s = lock(&state);
+                        s.transactions.push(Transaction {
+                            connection,
+                            rcpt_to: rcpt_to.clone(),
+                            delivery_id: None,
+                            data_bytes: 0,
+                            data_complete: false,
+                            reply: None,
+                            reply_written: false,
+                            completed_at: None,
+                        });
+                        s.transactions.len() - 1
+                    };
                     let data = tokio::select! {
                         _ = stop.cancelled() => return,
                         data = read_data(&mut reader) => data,
                     };
-                    let Some(data) = data else { return };
-                    finish_transaction(&state, mail_from.take(), std::mem::take(&mut rcpt_to), data)
+                    {
+                        let mut s = lock(&state);
+                        let t = &mut s.transactions[index];
+                        t.data_bytes = data.raw_bytes;
+                        t.data_complete = data.complete;
+                        t.delivery_id = delivery_id_of(&data.data);
+                        if data.complete {
+                            t.completed_at = Some(Instant::now());
+                        }
+                    }
+                    if !data.complete {
+                        return;
+                    }
+                    let rcpts = std::mem::take(&mut rcpt_to);
+                    let delay = {
+                        let mut s = lock(&state);
+                        let own = rcpts.iter().find_map(|r| s.rcpt_delays.get(&r.to_lowercase()).copied());
+                        match (own, s.data_delay) {
+                            (Some(delay), _) => Some(delay),
+                            (None, Some((min, max))) => {
+                                s.delays_served += 1;
+                                let span = (max - min).as_millis() as u64;
+                                let spread = if span == 0 {
+                                    0
+                                } else {
+                                    s.delays_served * 7919 % (span + 1)
+                                };
+                                Some(min + Duration::from_millis(spread))
+                            }
+                            (None, None) => None,
+                        }
+                    };
+                    if let Some(delay) = delay {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                    let dropped = {
+                        let mut s = lock(&state);
+                        rcpts.iter().any(|r| s.verdict(r, Stage::DropAfterData).is_some())
+                    };
+                    if dropped {
+                        // Read in full, never answered: the client cannot know whether it was accepted.
+                        return;
+                    }
+                    let data = if data.oversize {
+                        Err(data.raw_bytes)
+                    } else {
+                        Ok(data.data)
+                    };
+                    let reply = finish_transaction(&state, mail_from.take(), rcpts, data);
+                    lock(&state).transactions[index].reply = Some(reply.trim_end().to_string());
+                    let written = write.write_all(reply.as_bytes()).await.is_ok();
+                    lock(&state).transactions[index].reply_written = written;
+                    if !written {
+                        return;
+                    }
+                    continue;
                 }
             }
             "RSET" => {
@@ -407,15 +577,38 @@ fn finish_transaction(
     format!("250 2.0.0 queued as {}\r\n", s.messages.len())
 }
 
-/// Reads message data up to the `.` line, dot-unstuffed. `None`: the client went away; `Err(size)`: too large.
-async fn read_data<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> Option<Result<Vec<u8>, usize>> {
+/// Message data as read: dot-unstuffed (up to the size limit), with the raw byte count.
+struct DataRead {
+    data: Vec<u8>,
+    raw_bytes: usize,
+    /// The terminating `.` line arrived.
+    complete: bool,
+    oversize: bool,
+}
+
+/// The `X-Leadflow-Delivery` header of (possibly partial) message data.
+fn delivery_id_of(data: &[u8]) -> Option<i64> {
+    let text = String::from_utf8_lossy(data);
+    let (headers, _) = split_entity(&text);
+    find_header(&headers, "X-Leadflow-Delivery")?.trim().parse().ok()
+}
+
+/// Reads message data up to the `.` line, dot-unstuffed; stops early (not complete) when the client goes away.
+async fn read_data<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> DataRead {
     let mut data = Vec::new();
     let mut size = 0usize;
     let mut line = Vec::new();
     loop {
         line.clear();
         match reader.read_until(b'\n', &mut line).await {
-            Ok(0) | Err(_) => return None,
+            Ok(0) | Err(_) => {
+                return DataRead {
+                    data,
+                    raw_bytes: size + line.len(),
+                    complete: false,
+                    oversize: false,
+                }
+            }
             Ok(_) => {}
         }
         // The end of data: a line holding one dot (CRLF, or a bare LF as lenient MTAs accept).
@@ -432,16 +625,18 @@ async fn read_data<R: AsyncBufReadExt + Unpin>(reader: &mut R) -> Option<Result<
         };
         data.extend_from_slice(content);
     }
-    if size > MAX_MESSAGE_BYTES {
-        return Some(Err(size));
-    }
     // The CRLF before the final dot belongs to the terminator, not to the message.
     if data.ends_with(b"\r\n") {
         data.truncate(data.len() - 2);
     } else if data.ends_with(b"\n") {
         data.truncate(data.len() - 1);
     }
-    Some(Ok(data))
+    DataRead {
+        data,
+        raw_bytes: size,
+        complete: true,
+        oversize: size > MAX_MESSAGE_BYTES,
+    }
 }
 
 /// What follows the command verb (the EHLO domain).
@@ -883,6 +1078,66 @@ mod tests {
             server.unexpected_commands(),
             vec!["tail after".to_string(), ".".to_string()]
         );
+    }
+
+    #[tokio::test]
+    async fn transactions_record_how_far_the_data_got_and_a_dropped_one_gets_no_reply() {
+        let server = SmtpServer::start().await;
+        server.set_rule("drop@example.com", Rule::drop_after_data());
+        server.delay_data_reply_to("slow@example.com", Duration::from_millis(10));
+        assert!(
+            conversation(&server, "slow@example.com", "X-Leadflow-Delivery: 7\r\n\r\nhi")
+                .await
+                .starts_with("250")
+        );
+        // The dropped one: the data is read in full, then the connection closes without a reply.
+        let stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let (read, mut write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        expect(&mut reader, "220").await;
+        for (command, code) in [
+            ("EHLO c\r\n", "250"),
+            ("MAIL FROM:<a@shop.test>\r\n", "250"),
+            ("RCPT TO:<drop@example.com>\r\n", "250"),
+            ("DATA\r\n", "354"),
+        ] {
+            write.write_all(command.as_bytes()).await.expect("write");
+            expect(&mut reader, code).await;
+        }
+        write
+            .write_all(b"X-Leadflow-Delivery: 8\r\n\r\nbody\r\n.\r\n")
+            .await
+            .expect("write");
+        let mut rest = Vec::new();
+        let _ = reader.read_to_end(&mut rest).await;
+        assert!(
+            rest.is_empty(),
+            "no reply expected: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+
+        let transactions = server.transactions();
+        assert_eq!(transactions.len(), 2, "{transactions:#?}");
+        assert_eq!(transactions[0].delivery_id, Some(7));
+        assert!(transactions[0].accepted() && transactions[0].data_complete);
+        assert_eq!(transactions[1].delivery_id, Some(8));
+        assert!(transactions[1].data_complete && transactions[1].data_started());
+        assert_eq!(transactions[1].reply, None);
+        assert!(!transactions[1].accepted());
+        assert_eq!(server.messages().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn idle_sessions_can_be_closed() {
+        let server = SmtpServer::start().await;
+        let stream = TcpStream::connect(server.addr()).await.expect("connect");
+        let (read, _write) = stream.into_split();
+        let mut reader = BufReader::new(read);
+        expect(&mut reader, "220").await;
+        server.close_idle_sessions();
+        let mut rest = Vec::new();
+        let n = reader.read_to_end(&mut rest).await.unwrap_or(0);
+        assert_eq!(n, 0, "the session closed without another word");
     }
 
     #[test]

@@ -6,14 +6,17 @@
 
 pub mod auth;
 pub mod campaigns;
+pub mod consent;
 pub mod keys;
 mod metrics;
 pub mod problem;
+pub mod public;
 pub mod results;
+pub mod suppressions;
 pub mod templates;
 
 use axum::http::StatusCode;
-use axum::routing::{any, get, post, put};
+use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
@@ -27,9 +30,11 @@ pub struct ApiState {
     pub pool: Pool,
 }
 
-/// The admin API: routes only, no background tasks.
+/// The admin API and the public unsubscribe page (`/u/{token}`, [`public`]): routes only, no background tasks.
 pub fn service(ctx: &Context, _shutdown: CancellationToken) -> Service {
-    Service::new("api").routes(routes(ctx.pool.clone()))
+    Service::new("api")
+        .routes(routes(ctx.pool.clone()))
+        .routes(public::routes(ctx.pool.clone(), ctx.config.mail.keyring.clone()))
 }
 
 /// Every `/v1/admin` route.
@@ -51,6 +56,16 @@ pub fn routes(pool: Pool) -> Router {
         .route("/v1/admin/stats", get(results::stats))
         .route("/v1/admin/settings", get(results::get_settings))
         .route("/v1/admin/settings/{key}", put(results::put_setting))
+        .route(
+            "/v1/admin/suppressions",
+            get(suppressions::list).post(suppressions::add),
+        )
+        .route("/v1/admin/suppressions/import", post(suppressions::import))
+        .route("/v1/admin/suppressions/{email}", delete(suppressions::remove))
+        .route(
+            "/v1/admin/leads/{email}",
+            get(suppressions::export).delete(suppressions::erase),
+        )
         .route("/v1/admin", any(not_found))
         .route("/v1/admin/{*rest}", any(not_found))
         .method_not_allowed_fallback(method_not_allowed)

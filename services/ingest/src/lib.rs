@@ -1,6 +1,7 @@
 //! ingest: accepts lead events over HTTP and AMQP, validates them, upserts the lead, stores the event, and hands
 //! it to the scheduler.
 
+pub mod bounces;
 pub mod consumer;
 pub mod events;
 pub mod handoff;
@@ -14,6 +15,7 @@ use leadflow_shared::service::{Context, Service};
 
 pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
     Service::new("ingest")
-        .routes(http::routes(ctx))
-        .task("consumer", consumer::run(ctx.clone(), shutdown))
+        .routes(http::routes(ctx).merge(bounces::routes(ctx)))
+        .task("consumer", consumer::run(ctx.clone(), shutdown.clone()))
+        .task("bounces", bounces::run(ctx.clone(), shutdown))
 }

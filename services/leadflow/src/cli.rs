@@ -1,4 +1,4 @@
-//! The command line: `leadflow run | migrate | apply | campaigns | codes | stats | keys | demo`.
+//! The command line: `leadflow run | migrate | apply | campaigns | codes | stats | keys | suppressions | leads | demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -68,6 +68,16 @@ enum Command {
         #[command(subcommand)]
         action: KeyAction,
     },
+    /// The suppression list: addresses never mailed, everywhere or by one campaign.
+    Suppressions {
+        #[command(subcommand)]
+        action: SuppressionAction,
+    },
+    /// A lead's data: export it as JSON, or erase it (a hashed suppression entry is kept).
+    Leads {
+        #[command(subcommand)]
+        action: LeadAction,
+    },
     /// Set up the demo data, run every service, send sample events, and show the emails that came out.
     Demo {
         /// Folder with campaigns, templates, events.json and conversion.json.
@@ -126,6 +136,65 @@ enum KeyAction {
     List,
     /// Refuse a key from now on, named by its prefix (the first 8 characters, as `keys list` shows).
     Revoke { prefix: String },
+}
+
+#[derive(Subcommand)]
+enum SuppressionAction {
+    /// Entries, newest first (the address, or its hash once erased).
+    List {
+        /// Only this address (or the hex hash of one).
+        #[arg(long)]
+        email: Option<String>,
+        /// Only this reason: manual, bounced, complained, unsubscribed, suspended or erased.
+        #[arg(long)]
+        reason: Option<String>,
+        #[arg(long, default_value_t = leadflow_api::consent::DEFAULT_LIMIT)]
+        limit: i64,
+        /// The id of the last entry of the previous page.
+        #[arg(long)]
+        after: Option<i64>,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Suppress an address (it need not be a lead); its open follow-ups end at once.
+    Add {
+        email: String,
+        /// manual, bounced, complained, unsubscribed or suspended.
+        #[arg(long, default_value = "manual")]
+        reason: String,
+        /// Only for this campaign.
+        #[arg(long)]
+        campaign: Option<String>,
+        #[arg(long)]
+        note: Option<String>,
+    },
+    /// Resubscribe an address: lifts its suppression, recording why.
+    Remove {
+        email: String,
+        /// Why the address may be mailed again (kept in the suppression log).
+        #[arg(long, required = true)]
+        reason: String,
+        /// The campaign's entry instead of the global one.
+        #[arg(long)]
+        campaign: Option<String>,
+    },
+    /// Suppress every address of a file: `email[,reason[,note]]` per line. Bad lines are reported by number;
+    /// the good ones are applied all the same.
+    Import {
+        file: PathBuf,
+        /// Only for this campaign.
+        #[arg(long)]
+        campaign: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum LeadAction {
+    /// Print everything stored about an address as JSON.
+    Export { email: String },
+    /// Delete the lead and its personal data; a suppression entry with the address's hash only is kept.
+    Erase { email: String },
 }
 
 #[derive(Subcommand)]
@@ -350,9 +419,147 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             }
             Ok(())
         }
+        Command::Suppressions { action } => suppressions(action, &config).await,
+        Command::Leads { action } => leads(action, &config).await,
         Command::Demo { dir, timeout } => {
             let timeout = leadflow_shared::domain::parse_delay(&timeout).context("--timeout")?;
             crate::demo::run(config, &dir, timeout).await
         }
     }
+}
+
+/// Who a command-line change is recorded as: `cli:<user>`.
+fn cli_actor() -> String {
+    match std::env::var("USER").or_else(|_| std::env::var("USERNAME")) {
+        Ok(user) if !user.trim().is_empty() => format!("cli:{}", user.trim()),
+        _ => "cli".to_string(),
+    }
+}
+
+async fn suppressions(action: SuppressionAction, config: &Config) -> anyhow::Result<()> {
+    use leadflow_api::consent;
+
+    let pool = db::pool(&config.database)?;
+    db::check_schema(&pool).await?;
+    let mut client = pool.get().await?;
+    match action {
+        SuppressionAction::List {
+            email,
+            reason,
+            limit,
+            after,
+            json,
+        } => {
+            let filter = consent::SuppressionFilter {
+                email,
+                reason,
+                limit: Some(limit),
+                after,
+            };
+            let page = consent::list(&client, &filter).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&page)?);
+                return Ok(());
+            }
+            println!(
+                "{:<8} {:<40} {:<13} {:<20} {:<18} {:<17} note",
+                "id", "email", "reason", "campaign", "source", "created"
+            );
+            for e in &page.items {
+                let who = e
+                    .email
+                    .clone()
+                    .unwrap_or_else(|| format!("sha256:{}…", e.email_hash.get(..16).unwrap_or(&e.email_hash)));
+                println!(
+                    "{:<8} {:<40} {:<13} {:<20} {:<18} {:<17} {}",
+                    e.id,
+                    who,
+                    e.reason,
+                    e.campaign.as_deref().unwrap_or("(all)"),
+                    e.source,
+                    e.created_at.format("%Y-%m-%d %H:%M"),
+                    e.note.as_deref().unwrap_or("")
+                );
+            }
+            if let Some(next) = page.next_after {
+                eprintln!("more: --after {next}");
+            }
+        }
+        SuppressionAction::Add {
+            email,
+            reason,
+            campaign,
+            note,
+        } => {
+            let request = consent::NewSuppression {
+                email: Some(email),
+                reason: Some(reason),
+                campaign,
+                note,
+            };
+            let added = consent::add(&mut client, &request, "cli").await?;
+            println!(
+                "{} {} ({}); {} sequences ended, {} follow-ups cancelled",
+                if added.new { "suppressed" } else { "already suppressed:" },
+                added.entry.email.as_deref().unwrap_or(&added.entry.email_hash),
+                added.entry.campaign.as_deref().unwrap_or("every campaign"),
+                added.ended_enrollments,
+                added.cancelled_deliveries
+            );
+        }
+        SuppressionAction::Remove {
+            email,
+            reason,
+            campaign,
+        } => {
+            consent::remove(&mut client, &email, campaign.as_deref(), Some(&reason), &cli_actor()).await?;
+            println!(
+                "{email} resubscribed ({})",
+                campaign.as_deref().unwrap_or("every campaign")
+            );
+        }
+        SuppressionAction::Import { file, campaign } => {
+            let text = std::fs::read_to_string(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let report = consent::import(&mut client, &text, campaign.as_deref(), "import").await?;
+            print!("{report}");
+            if !report.rejected.is_empty() {
+                anyhow::bail!(
+                    "{} line(s) of {} rejected; the other addresses were suppressed",
+                    report.rejected.len(),
+                    file.display()
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
+async fn leads(action: LeadAction, config: &Config) -> anyhow::Result<()> {
+    use leadflow_api::consent;
+
+    let pool = db::pool(&config.database)?;
+    db::check_schema(&pool).await?;
+    let mut client = pool.get().await?;
+    match action {
+        LeadAction::Export { email } => {
+            let data = consent::export(&client, &email).await?;
+            println!("{}", serde_json::to_string_pretty(&data)?);
+        }
+        LeadAction::Erase { email } => {
+            let erased = consent::erase(&mut client, &email, &cli_actor()).await?;
+            if erased.lead_deleted {
+                println!(
+                    "lead erased: {} events, {} enrollments, {} deliveries, {} conversions deleted; \
+                     kept a suppression by hash {}",
+                    erased.events, erased.enrollments, erased.deliveries, erased.conversions, erased.email_hash
+                );
+            } else {
+                println!(
+                    "no lead with that address; kept a suppression by hash {}",
+                    erased.email_hash
+                );
+            }
+        }
+    }
+    Ok(())
 }

@@ -265,9 +265,25 @@ pub struct DeliveryFacts {
     pub discount_code: Option<String>,
     /// The campaign's "override previous coupon discounts with the lead discount" (`discount.override_coupons`).
     pub override_coupons: bool,
+    /// The delivery's unsubscribe page (`unsubscribe_url`); `None` in previews, which show
+    /// [`PREVIEW_UNSUBSCRIBE_URL`] instead.
+    pub unsubscribe_url: Option<String>,
 }
 
-/// Builds the template context: `lead`, `product`, `discount`, `step`, `campaign`.
+/// What `{{unsubscribe_url}}` shows where no delivery exists (template previews).
+pub const PREVIEW_UNSUBSCRIBE_URL: &str = "https://unsubscribe.invalid/u/preview";
+
+/// The unsubscribe page of a delivery: `{public_url}/u/{token}`, the token signing `d:<delivery id>`. The
+/// `List-Unsubscribe` header of the same email names the same URL.
+pub fn unsubscribe_url(mail: &leadflow_shared::config::MailConfig, delivery_id: i64) -> String {
+    let token = mail.keyring.sign(
+        leadflow_shared::tokens::Purpose::Unsubscribe,
+        &format!("d:{delivery_id}"),
+    );
+    format!("{}/u/{token}", mail.public_url.trim_end_matches('/'))
+}
+
+/// Builds the template context: `lead`, `product`, `discount`, `step`, `campaign`, `unsubscribe_url`.
 ///
 /// Lead fields the lead lacks are `null` (a template may test them with `{{#if}}`); product keys the event did not
 /// carry are absent, so strict mode fails a template that needs them instead of sending a hole.
@@ -314,6 +330,7 @@ pub fn template_context(facts: &DeliveryFacts) -> Value {
         "campaign": {
             "name": facts.campaign_name,
         },
+        "unsubscribe_url": facts.unsubscribe_url.as_deref().unwrap_or(PREVIEW_UNSUBSCRIBE_URL),
     })
 }
 
@@ -349,7 +366,47 @@ mod tests {
             campaign_name: "Cart recovery".into(),
             discount_code: None,
             override_coupons: false,
+            unsubscribe_url: Some("https://mail.shop.example/u/t1.ZDo0Mg.mac".into()),
         }
+    }
+
+    #[test]
+    fn the_unsubscribe_url_reaches_templates() {
+        let out = render(
+            "x",
+            "Unsubscribe: {{unsubscribe_url}}",
+            "<a href=\"{{unsubscribe_url}}\">x</a>",
+        )
+        .unwrap();
+        assert_eq!(out.body_text, "Unsubscribe: https://mail.shop.example/u/t1.ZDo0Mg.mac");
+        assert_eq!(
+            out.body_html,
+            "<a href=\"https://mail.shop.example/u/t1.ZDo0Mg.mac\">x</a>"
+        );
+        let mut preview = facts();
+        preview.unsubscribe_url = None;
+        assert_eq!(
+            template_context(&preview)["unsubscribe_url"],
+            json!(PREVIEW_UNSUBSCRIBE_URL)
+        );
+    }
+
+    #[test]
+    fn the_unsubscribe_url_signs_the_delivery() {
+        let mail = leadflow_shared::config::MailConfig {
+            public_url: "https://mail.shop.example/".into(),
+            keyring: leadflow_shared::tokens::Keyring::parse("k1:0123456789abcdef0123456789abcdef").unwrap(),
+            keyring_configured: true,
+            bounce_domain: "shop.example".into(),
+        };
+        let url = unsubscribe_url(&mail, 42);
+        let token = url.strip_prefix("https://mail.shop.example/u/").unwrap();
+        assert_eq!(
+            mail.keyring
+                .verify(leadflow_shared::tokens::Purpose::Unsubscribe, token)
+                .as_deref(),
+            Some("d:42")
+        );
     }
 
     #[test]

@@ -147,7 +147,10 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
     }
     let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
     let tx = client.transaction().await.context("failed to begin a transaction")?;
-    let loaded = load(&tx, ids).await?;
+    let mut loaded = load(&tx, ids).await?;
+    for delivery in &mut loaded {
+        delivery.facts.unsubscribe_url = Some(crate::render::unsubscribe_url(&ctx.config.mail, delivery.id));
+    }
 
     let mut queued = Vec::new();
     let found: BTreeSet<i64> = loaded.iter().map(|l| l.id).collect();
@@ -458,6 +461,7 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
                     campaign_name: row.try_get(12)?,
                     discount_code: None,
                     override_coupons: row.try_get("override_coupons")?,
+                    unsubscribe_url: None,
                 },
             })
         })

@@ -124,8 +124,9 @@ impl Subject {
 }
 
 /// Enrolls the lead in every active campaign whose targeting matches (lead source, products, languages,
-/// countries), once per lead x campaign x subject, creating one delivery row per step. Step 1 is due after its
-/// delay (at least the lead source's minimum delay); each later step after the previous one's due time.
+/// countries) and that the address is not suppressed for, once per lead x campaign x subject, creating one
+/// delivery row per step. Step 1 is due after its delay (at least the lead source's minimum delay); each later
+/// step after the previous one's due time.
 async fn enroll(
     tx: &impl GenericClient,
     lead_id: i64,
@@ -146,6 +147,10 @@ async fn enroll(
                AND (cardinality(c.languages) = 0
                     OR lower(split_part(coalesce(l.language, ''), '-', 1)) = ANY (c.languages))
                AND (cardinality(c.countries) = 0 OR upper(coalesce(l.country, '')) = ANY (c.countries))
+               -- The suppression list (by address hash, see leadflow_shared::suppression): everywhere or here.
+               AND NOT EXISTS (SELECT 1 FROM suppressions s
+                               WHERE s.email_hash = encode(sha256(convert_to(l.email, 'UTF8')), 'hex')
+                                 AND (s.campaign_id IS NULL OR s.campaign_id = c.id))
              ORDER BY c.id",
             &[&source.as_str(), &lead_id, &subject.product_sku],
         )

@@ -177,8 +177,11 @@ async fn claim_and_publish(
 }
 
 /// Work handed out but not progressing for a whole lease: queued or rendered rows go back to pending (the
-/// message was lost or dead-lettered; rendering again is harmless). A row left `sending` may have reached the
-/// SMTP server: it becomes `uncertain`, counted and alerted, never resent blindly.
+/// message was lost or dead-lettered; rendering again is harmless). A row left `sending` without an SMTP start
+/// mark never handed its data over: it is reclaimed (`retrying`, due now; the stalled attempt can no longer
+/// record anything, its writes are fenced by the attempt count). One with the mark may have reached the SMTP
+/// server: it becomes `uncertain`, counted and alerted, never resent blindly. Returns (requeued + reclaimed,
+/// uncertain).
 pub async fn expire_leases(ctx: &Context) -> anyhow::Result<(usize, usize)> {
     let client = ctx.pool.get().await?;
     let lease = ctx.config.scheduler.lease.as_secs_f64();
@@ -189,17 +192,34 @@ pub async fn expire_leases(ctx: &Context) -> anyhow::Result<(usize, usize)> {
             &[&lease],
         )
         .await? as usize;
+    let reclaimed = client
+        .execute(
+            "UPDATE deliveries SET state = 'retrying', due_at = now(), updated_at = now(),
+                    reason = 'reclaimed: the sender stopped before SMTP'
+             WHERE state = 'sending' AND smtp_started_at IS NULL
+               AND updated_at < now() - make_interval(secs => $1)",
+            &[&lease],
+        )
+        .await? as usize;
     let uncertain = client
         .execute(
             "UPDATE deliveries SET state = 'uncertain', updated_at = now(),
                     reason = 'the sender stopped during the SMTP transaction; not resent'
-             WHERE state = 'sending' AND updated_at < now() - make_interval(secs => $1)",
+             WHERE state = 'sending' AND smtp_started_at IS NOT NULL
+               AND updated_at < now() - make_interval(secs => $1)",
             &[&lease],
         )
         .await? as usize;
     if requeued > 0 {
         tracing::warn!(count = requeued, "requeued deliveries whose lease expired");
     }
+    if reclaimed > 0 {
+        tracing::warn!(
+            count = reclaimed,
+            "reclaimed deliveries whose sender stopped before handing their data over"
+        );
+    }
+    let requeued = requeued + reclaimed;
     metrics::lease_expired(requeued, uncertain);
     Ok((requeued, uncertain))
 }

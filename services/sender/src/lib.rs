@@ -1,8 +1,12 @@
-//! The sender service: claims rendered deliveries, sends them over SMTP (or to an outbox folder) and records
-//! each outcome: sent, failed, retrying with backoff, or cancelled when the sequence ended meanwhile.
+//! The sender service: claims rendered deliveries, sends them over SMTP (or to an outbox folder) exactly once and
+//! records each outcome: sent, bounced, failed, retrying with backoff, deferred by a rate limit, uncertain, or
+//! cancelled when the sequence ended or the address was suppressed meanwhile.
 //!
-//! `message` builds the email, `transport` delivers it, `worker` consumes the sender queue, `metrics` reports.
+//! `message` builds the email (`dkim` signs it), `transport` drives the SMTP transaction over connections it owns, `limits` holds
+//! the send rates, `worker` consumes the sender queue and records outcomes, `metrics` reports.
 
+pub mod dkim;
+pub mod limits;
 pub mod message;
 pub mod metrics;
 pub mod transport;
@@ -14,13 +18,21 @@ use tokio_util::sync::CancellationToken;
 
 use leadflow_shared::service::{Context, Service};
 
-pub use transport::{SendError, Transport};
-pub use worker::{send_batch, SendReport};
+pub use limits::{Admission, Limits};
+pub use transport::{Attempt, Reply, ReplyClass, Transport};
+pub use worker::{send_batch, SendReport, Sending};
 
-/// The sender: its transport is built from `LEADFLOW_SMTP_URL` now (an outbox folder is created), then one
-/// consumer of the sender queue runs until `shutdown`.
+/// The sender: its transport is built from `LEADFLOW_SMTP_URL` now (an outbox folder is created), its rate limits
+/// from `LEADFLOW_SEND_RATE` and `LEADFLOW_DOMAIN_RATES`, the From address and signing from the mail settings, then one consumer of the sender queue runs until
+/// `shutdown`.
 pub async fn service(ctx: &Context, shutdown: CancellationToken) -> anyhow::Result<Service> {
-    let transport = Arc::new(Transport::from_config(&ctx.config).await?);
+    let sending = Arc::new(Sending::from_config(&ctx.config).await?);
+    if let Some(rate) = ctx.config.sender.send_rate {
+        tracing::info!(rate = %rate, "send rate limited per process");
+    }
+    for (domain, rate) in &ctx.config.sender.domain_rates {
+        tracing::info!(domain = %domain, rate = %rate, "send rate limited for a recipient domain");
+    }
     let ctx = ctx.clone();
-    Ok(Service::new("sender").task("consumer", worker::run(ctx, transport, shutdown)))
+    Ok(Service::new("sender").task("consumer", worker::run(ctx, sending, shutdown)))
 }

@@ -1,9 +1,17 @@
-//! The sender's consumer: rendered deliveries are claimed, sent and their outcome recorded.
+//! The sender's consumer: rendered deliveries are claimed, sent and their outcome recorded, exactly once.
 //!
-//! Each delivery is claimed in its own committed statement before any SMTP traffic (`rendered` -> `sending`), so a
-//! redelivered message never sends twice: a delivery that is not `rendered` any more is skipped. The outcome is
-//! written only over `sending`; a crash between the relay's acceptance and that write leaves the row `sending`,
-//! which the scheduler turns into `uncertain` (counted, never resent).
+//! 1. Claim, committed on its own (`rendered` -> `sending`, attempts + 1, `smtp_started_at` cleared), after
+//!    checking the enrollment and the suppression list (global, or for the delivery's campaign). A redelivered
+//!    message finds the row no longer `rendered` and does nothing.
+//! 2. MAIL and RCPT; DATA. A failure up to here handed nothing over: it is retried, bounced or failed by its reply.
+//! 3. Once the server answered DATA with 354, `smtp_started_at = now()` is committed (only while this attempt
+//!    still owns the row), then the data goes out. From here a lost connection or a missing final reply makes
+//!    the delivery `uncertain` at once: counted, never resent.
+//! 4. The final reply is recorded: `sent` (with the Message-ID) after 2xx, otherwise by its class.
+//!
+//! A sender that dies leaves the row `sending`; the scheduler's lease expiry reclaims it when `smtp_started_at` is
+//! empty (nothing was handed over) and makes it `uncertain` otherwise. Every outcome is written only by the attempt
+//! that claimed the row (`attempts` is the fence), so a reclaimed row is never recorded twice.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,21 +19,30 @@ use std::time::{Duration, Instant};
 use anyhow::Context as _;
 use futures_util::stream::{self, StreamExt};
 use lapin::message::Delivery;
+use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use leadflow_scheduler::notify;
 use leadflow_shared::amqp::{self, Outcome};
-use leadflow_shared::domain::mask_email;
+use leadflow_shared::config::Config;
+use leadflow_shared::domain::{mask_email, EmailAddress};
 use leadflow_shared::messages::WorkMessage;
 use leadflow_shared::service::Context;
+use leadflow_shared::settings;
+use leadflow_shared::suppression::{self, Reason};
 use leadflow_shared::topology::WorkQueue;
 
+use crate::limits::{Admission, Limits};
 use crate::message::{self, RenderedMessage, Sender};
 use crate::metrics::{self, EmailOutcome};
-use crate::transport::{SendError, Transport};
+use crate::transport::{Attempt, Reply, ReplyClass, Transport};
 
 /// The longest wait before a retry, whatever the attempt count.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// The states an attempt may record its outcome over: its own claim, or `uncertain` set by the lease expiry
+/// while this attempt was still waiting for the reply (the reply settles it).
+const OWNED: &str = "state IN ('sending', 'uncertain')";
 
 /// What one batch did, by delivery id.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -36,9 +53,13 @@ pub struct SendReport {
     pub failed: Vec<(i64, String)>,
     /// A transient failure: due again after the backoff, with the reason recorded.
     pub retrying: Vec<(i64, String)>,
+    /// Over a send-rate limit: due again when the limit allows.
+    pub deferred: Vec<i64>,
+    /// The data went out and no final reply came: `uncertain`, with the reason.
+    pub uncertain: Vec<(i64, String)>,
     /// The enrollment ended or the lead is suppressed: cancelled without SMTP, with the reason.
     pub cancelled: Vec<(i64, String)>,
-    /// Not `rendered` (already claimed, sent or cancelled) or gone: nothing done.
+    /// Not `rendered` (already claimed, sent or cancelled), gone, or reclaimed meanwhile: nothing done.
     pub skipped: Vec<i64>,
 }
 
@@ -48,24 +69,44 @@ enum Fate {
     Sent,
     Failed(String),
     Retrying(String),
+    Deferred,
+    Uncertain(String),
     Cancelled(String),
     Skipped,
 }
 
+/// What the sender sends with: the transport, the rate limits and the From address (with its signing key).
+pub struct Sending {
+    pub transport: Transport,
+    pub limits: Limits,
+    pub sender: Sender,
+}
+
+impl Sending {
+    /// From the configuration: `LEADFLOW_SMTP_URL` (an outbox folder is created), the rate limits, the sender.
+    pub async fn from_config(config: &Config) -> anyhow::Result<Self> {
+        Ok(Self {
+            transport: Transport::from_config(config).await?,
+            limits: Limits::from_config(&config.sender),
+            sender: Sender::from_config(config)?,
+        })
+    }
+}
+
 /// Consumes the sender queue until `shutdown`.
-pub async fn run(ctx: Context, transport: Arc<Transport>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(ctx: Context, sending: Arc<Sending>, shutdown: CancellationToken) -> anyhow::Result<()> {
     amqp::consume(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::Sender,
         ctx.config.amqp.prefetch,
         shutdown,
-        |delivery| handle(&ctx, &transport, delivery),
+        |delivery| handle(&ctx, &sending, delivery),
     )
     .await
 }
 
-async fn handle(ctx: &Context, transport: &Transport, delivery: Delivery) -> (Delivery, Outcome) {
+async fn handle(ctx: &Context, sending: &Sending, delivery: Delivery) -> (Delivery, Outcome) {
     let ids = match WorkMessage::decode(&delivery.data) {
         Ok(WorkMessage::EmailReadyV1 { delivery_ids }) => delivery_ids,
         Ok(other) => {
@@ -79,7 +120,7 @@ async fn handle(ctx: &Context, transport: &Transport, delivery: Delivery) -> (De
             )
         }
     };
-    let outcome = match send_batch(ctx, transport, &ids).await {
+    let outcome = match send_batch(ctx, sending, &ids).await {
         Ok(_) => Outcome::Ack,
         Err(e) => Outcome::Retry(e),
     };
@@ -90,18 +131,13 @@ async fn handle(ctx: &Context, transport: &Transport, delivery: Delivery) -> (De
 ///
 /// Returns once every delivery is recorded. A database failure on any of them is the error (the message is tried
 /// again: what was recorded stays recorded, and what was claimed is never claimed twice).
-pub async fn send_batch(ctx: &Context, transport: &Transport, ids: &[i64]) -> anyhow::Result<SendReport> {
+pub async fn send_batch(ctx: &Context, sending: &Sending, ids: &[i64]) -> anyhow::Result<SendReport> {
     let mut report = SendReport::default();
     if ids.is_empty() {
         return Ok(report);
     }
-    let sender = Sender::new(ctx.config.smtp.from.as_str(), &ctx.config.smtp.from_name)
-        .context("LEADFLOW_FROM cannot be used as the From address")?;
     let results: Vec<(i64, anyhow::Result<Fate>)> = stream::iter(ids.iter().copied())
-        .map(|id| {
-            let sender = &sender;
-            async move { (id, send_one(ctx, transport, sender, id).await) }
-        })
+        .map(|id| async move { (id, send_one(ctx, sending, id).await) })
         .buffer_unordered(ctx.config.sender.concurrency.max(1))
         .collect()
         .await;
@@ -112,12 +148,14 @@ pub async fn send_batch(ctx: &Context, transport: &Transport, ids: &[i64]) -> an
             Ok(Fate::Sent) => report.sent.push(id),
             Ok(Fate::Failed(reason)) => report.failed.push((id, reason)),
             Ok(Fate::Retrying(reason)) => report.retrying.push((id, reason)),
+            Ok(Fate::Deferred) => report.deferred.push(id),
+            Ok(Fate::Uncertain(reason)) => report.uncertain.push((id, reason)),
             Ok(Fate::Cancelled(reason)) => report.cancelled.push((id, reason)),
             Ok(Fate::Skipped) => report.skipped.push(id),
             Err(e) => {
                 tracing::error!(
                     delivery.id = id,
-                    error = format!("{e:#}"),
+                    error = metrics::mask_addresses(&format!("{e:#}")),
                     "failed to handle a delivery"
                 );
                 first_error.get_or_insert(e);
@@ -130,27 +168,39 @@ pub async fn send_batch(ctx: &Context, transport: &Transport, ids: &[i64]) -> an
     report.sent.sort_unstable();
     report.failed.sort();
     report.retrying.sort();
+    report.deferred.sort_unstable();
+    report.uncertain.sort();
     report.cancelled.sort();
     report.skipped.sort_unstable();
     Ok(report)
 }
 
+/// A delivery this attempt claimed.
+struct Claimed {
+    id: i64,
+    /// The attempt number, also the fence every later write checks.
+    attempts: i32,
+    enrollment_id: i64,
+    /// The rendered message (missing if it was deleted).
+    rendered: Option<RenderedMessage>,
+}
+
 /// The result of claiming one delivery.
 enum Claim {
-    /// Claimed: now `sending`, with its attempt count and rendered message (missing if it was deleted).
-    Claimed {
-        attempts: i32,
-        rendered: Option<RenderedMessage>,
-    },
-    /// The enrollment ended or the lead is suppressed: cancelled with this reason.
+    Claimed(Claimed),
+    /// The enrollment ended or the address is suppressed: cancelled with this reason.
     Cancelled(String),
     /// Not `rendered`, or no such delivery.
     NotClaimable,
 }
 
-async fn send_one(ctx: &Context, transport: &Transport, sender: &Sender, id: i64) -> anyhow::Result<Fate> {
-    let claim = claim(ctx, id).await?;
-    let (attempts, rendered) = match claim {
+async fn send_one(ctx: &Context, sending: &Sending, id: i64) -> anyhow::Result<Fate> {
+    let Sending {
+        transport,
+        limits,
+        sender,
+    } = sending;
+    let claimed = match claim(ctx, id).await? {
         Claim::NotClaimable => {
             metrics::email(EmailOutcome::Skipped);
             return Ok(Fate::Skipped);
@@ -159,116 +209,356 @@ async fn send_one(ctx: &Context, transport: &Transport, sender: &Sender, id: i64
             metrics::cancelled(id, &reason);
             return Ok(Fate::Cancelled(reason));
         }
-        Claim::Claimed { attempts, rendered } => (attempts, rendered),
+        Claim::Claimed(claimed) => claimed,
     };
-    let Some(rendered) = rendered else {
-        return record_failed(ctx, id, "no rendered message for the delivery", "").await;
+    let Some(rendered) = claimed.rendered.clone() else {
+        return record_failed(ctx, &claimed, "no rendered message for the delivery", "").await;
     };
     let to = mask_email(&rendered.to_address);
     let built = match message::build(sender, &rendered) {
         Ok(built) => built,
-        Err(e) => return record_failed(ctx, id, &format!("message: {e}"), &to).await,
+        Err(e) => return record_failed(ctx, &claimed, &format!("message: {e}"), &to).await,
     };
 
+    if !limits.is_unlimited() {
+        let domain = rendered.to_address.rsplit('@').next().unwrap_or("").trim();
+        match limits.admit(id, domain) {
+            Admission::Now => {}
+            Admission::Wait(wait) => tokio::time::sleep(wait).await,
+            Admission::Defer { wait, .. } => {
+                let limit = if limits.domain_rate(domain).is_some() {
+                    "domain"
+                } else {
+                    "process"
+                };
+                let deferred = record_deferred(ctx, &claimed, wait, limit).await;
+                if deferred.is_err() {
+                    limits.forget(id);
+                }
+                return deferred;
+            }
+        }
+    }
+
     let started = Instant::now();
-    let sent = transport.send(&built.message).await;
+    let attempt = transport
+        .send(&built.message, mark_started(ctx, id, claimed.attempts))
+        .await
+        .with_context(|| format!("failed to mark delivery {id} as started; nothing was sent"))?;
     metrics::send_time(started.elapsed());
 
-    match sent {
-        Ok(()) => {
-            let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
-            let tx = client
-                .transaction()
-                .await
-                .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
-            let updated = tx
-                .execute(
-                    "UPDATE deliveries
-                        SET state = 'sent', message_id = $2, sent_at = now(), reason = NULL, updated_at = now()
-                      WHERE id = $1 AND state = 'sending'",
-                    &[&id, &built.message_id],
+    match attempt {
+        Attempt::Accepted(_) => record_sent(ctx, &claimed, &built.message_id, &rendered.to_address, &to).await,
+        Attempt::Refused(reply) => match reply.class() {
+            ReplyClass::Accepted => record_sent(ctx, &claimed, &built.message_id, &rendered.to_address, &to).await,
+            ReplyClass::HardBounce => record_hard_bounce(ctx, &claimed, &reply, &rendered.to_address, &to).await,
+            ReplyClass::SoftBounce => {
+                record_transient(
+                    ctx,
+                    &claimed,
+                    &reply.to_string(),
+                    Some(&reply),
+                    &rendered.to_address,
+                    &to,
                 )
                 .await
-                .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
-            if updated > 0 {
-                notify::enqueue(
-                    &tx,
-                    notify::About::Delivery(id),
-                    notify::Kind::EmailSent,
-                    serde_json::Value::Null,
-                )
-                .await?;
             }
-            tx.commit()
-                .await
-                .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending')"))?;
-            if updated == 0 {
-                tracing::warn!(delivery.id = id, "sent, but the delivery was no longer 'sending'");
+            ReplyClass::TryLater => {
+                record_transient(ctx, &claimed, &reply.to_string(), None, &rendered.to_address, &to).await
             }
-            metrics::sent(id, &to, attempts);
-            Ok(Fate::Sent)
-        }
-        Err(SendError::Permanent(text)) => record_failed(ctx, id, &format!("smtp: {text}"), &to).await,
-        Err(SendError::Transient(text)) => {
-            let max = ctx.config.sender.max_attempts;
-            if attempts >= max {
-                let reason = format!("gave up after {attempts} attempts: {text}");
-                return record_failed(ctx, id, &reason, &to).await;
+            ReplyClass::Policy => {
+                let reason = format!("policy: {reply}");
+                metrics::policy_block(id, &to, &reason);
+                record_failed(ctx, &claimed, &reason, &to).await
             }
-            let reason = format!("retrying: {text}");
-            let wait = backoff(ctx.config.sender.retry_base, attempts);
-            ctx.pool
-                .get()
-                .await
-                .context("failed to get a database connection")?
-                .execute(
-                    "UPDATE deliveries
-                        SET state = 'retrying', reason = $2, due_at = now() + make_interval(secs => $3),
-                            updated_at = now()
-                      WHERE id = $1 AND state = 'sending'",
-                    &[&id, &reason, &wait.as_secs_f64()],
-                )
-                .await
-                .with_context(|| format!("failed to record delivery {id} for a retry"))?;
-            metrics::retrying(id, &to, attempts, wait, &reason);
-            Ok(Fate::Retrying(reason))
+            ReplyClass::Failed => record_failed(ctx, &claimed, &format!("smtp: {reply}"), &to).await,
+        },
+        Attempt::NotSent(text) => record_transient(ctx, &claimed, &text, None, &rendered.to_address, &to).await,
+        Attempt::Uncertain(text) => record_uncertain(ctx, &claimed, &text, &to).await,
+        Attempt::Abandoned => {
+            metrics::abandoned(id);
+            Ok(Fate::Skipped)
         }
     }
 }
 
-async fn record_failed(ctx: &Context, id: i64, reason: &str, masked_to: &str) -> anyhow::Result<Fate> {
+/// Commits `smtp_started_at` right before the data goes out; false when this attempt no longer owns the row
+/// (the lease expired and the delivery was reclaimed): then nothing is sent.
+async fn mark_started(ctx: &Context, id: i64, attempts: i32) -> anyhow::Result<bool> {
+    let client = ctx.pool.get().await.context("failed to get a database connection")?;
+    let marked = client
+        .execute(
+            "UPDATE deliveries SET smtp_started_at = now(), updated_at = now()
+              WHERE id = $1 AND attempts = $2 AND state = 'sending' AND smtp_started_at IS NULL",
+            &[&id, &attempts],
+        )
+        .await
+        .with_context(|| format!("failed to mark delivery {id} as started"))?;
+    Ok(marked == 1)
+}
+
+async fn record_sent(
+    ctx: &Context,
+    claimed: &Claimed,
+    message_id: &str,
+    address: &str,
+    masked_to: &str,
+) -> anyhow::Result<Fate> {
+    let id = claimed.id;
+    let failed = || format!("failed to record delivery {id} as sent (it stays 'sending', then 'uncertain')");
+    let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
+    let tx = client.transaction().await.with_context(failed)?;
+    let was: Option<String> = tx
+        .query_opt(
+            &format!(
+                "UPDATE deliveries d
+                    SET state = 'sent', message_id = $2, sent_at = now(), reason = NULL, updated_at = now()
+                   FROM (SELECT id, state FROM deliveries WHERE id = $1 FOR UPDATE) old
+                  WHERE d.id = old.id AND d.attempts = $3 AND d.{OWNED}
+                 RETURNING old.state"
+            ),
+            &[&id, &message_id, &claimed.attempts],
+        )
+        .await
+        .with_context(failed)?
+        .map(|row| row.get(0));
+    if was.is_some() {
+        if let Ok(email) = EmailAddress::parse(address) {
+            suppression::clear_soft_bounces(&tx, &email)
+                .await
+                .with_context(failed)?;
+        }
+        notify::enqueue(
+            &tx,
+            notify::About::Delivery(id),
+            notify::Kind::EmailSent,
+            serde_json::Value::Null,
+        )
+        .await?;
+    }
+    tx.commit().await.with_context(failed)?;
+    match was.as_deref() {
+        None => tracing::warn!(delivery.id = id, "sent, but the delivery was no longer this attempt's"),
+        Some("uncertain") => tracing::info!(delivery.id = id, "an uncertain delivery was settled: sent"),
+        Some(_) => {}
+    }
+    metrics::sent(id, masked_to, claimed.attempts);
+    Ok(Fate::Sent)
+}
+
+/// Writes `failed` with `reason` over this attempt's row; true when it did.
+async fn set_failed(
+    tx: &impl deadpool_postgres::GenericClient,
+    claimed: &Claimed,
+    reason: &str,
+) -> anyhow::Result<bool> {
+    let updated = tx
+        .execute(
+            &format!(
+                "UPDATE deliveries SET state = 'failed', reason = $2, updated_at = now()
+                  WHERE id = $1 AND attempts = $3 AND {OWNED}"
+            ),
+            &[&claimed.id, &reason, &claimed.attempts],
+        )
+        .await
+        .with_context(|| format!("failed to record delivery {} as failed", claimed.id))?;
+    Ok(updated > 0)
+}
+
+async fn record_failed(ctx: &Context, claimed: &Claimed, reason: &str, masked_to: &str) -> anyhow::Result<Fate> {
+    let client = ctx.pool.get().await.context("failed to get a database connection")?;
+    set_failed(&client, claimed, reason).await?;
+    metrics::failed(claimed.id, masked_to, reason);
+    Ok(Fate::Failed(reason.to_string()))
+}
+
+/// The address does not exist: the delivery fails as `bounced`, the address is suppressed (every other open step
+/// of the lead ends `bounced`), and the campaign hears of it.
+async fn record_hard_bounce(
+    ctx: &Context,
+    claimed: &Claimed,
+    reply: &Reply,
+    address: &str,
+    masked_to: &str,
+) -> anyhow::Result<Fate> {
+    let reason = format!("bounced: {reply}");
     let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
     let tx = client
         .transaction()
         .await
-        .with_context(|| format!("failed to record delivery {id} as failed"))?;
-    let updated = tx
-        .execute(
-            "UPDATE deliveries SET state = 'failed', reason = $2, updated_at = now()
-              WHERE id = $1 AND state = 'sending'",
-            &[&id, &reason],
-        )
-        .await
-        .with_context(|| format!("failed to record delivery {id} as failed"))?;
-    // A permanent "no such user" reply is a bounce the campaign's notify_url hears of.
-    if updated > 0 && reason.starts_with("smtp: ") && notify::is_hard_bounce(reason) {
-        notify::enqueue(
-            &tx,
-            notify::About::Delivery(id),
-            notify::Kind::Bounced,
-            serde_json::json!({ "reason": reason.trim_start_matches("smtp: ") }),
-        )
-        .await?;
+        .with_context(|| format!("failed to record delivery {} as bounced", claimed.id))?;
+    if set_failed(&tx, claimed, &reason).await? {
+        suppress_bounced(&tx, claimed, address, &reply.to_string(), "smtp").await?;
+        metrics::bounced(claimed.id, masked_to, "hard");
     }
     tx.commit()
         .await
-        .with_context(|| format!("failed to record delivery {id} as failed"))?;
-    metrics::failed(id, masked_to, reason);
-    Ok(Fate::Failed(reason.to_string()))
+        .with_context(|| format!("failed to record delivery {} as bounced", claimed.id))?;
+    metrics::failed(claimed.id, masked_to, &reason);
+    Ok(Fate::Failed(reason))
 }
 
-/// Claims one delivery in a single committed statement: `rendered` -> `sending` (attempts + 1) when its
-/// enrollment is active and the lead not suppressed, `rendered` -> `cancelled` otherwise.
+/// Suppresses the address as bounced (unless `already` did) and notifies: the delivery, and every other
+/// enrollment the suppression ended.
+async fn suppress_bounced(
+    tx: &deadpool_postgres::Transaction<'_>,
+    claimed: &Claimed,
+    address: &str,
+    reply: &str,
+    source: &str,
+) -> anyhow::Result<()> {
+    let ended = match EmailAddress::parse(address) {
+        Ok(email) => {
+            suppression::suppress(tx, &email, Reason::Bounced, source, None, Some(reply))
+                .await?
+                .ended_enrollments
+        }
+        Err(e) => {
+            tracing::warn!(delivery.id = claimed.id, error = %e, "a bounced address that cannot be suppressed");
+            Vec::new()
+        }
+    };
+    notify_bounced(tx, claimed, &ended, reply).await
+}
+
+async fn notify_bounced(
+    tx: &deadpool_postgres::Transaction<'_>,
+    claimed: &Claimed,
+    ended: &[i64],
+    reply: &str,
+) -> anyhow::Result<()> {
+    notify::enqueue(
+        tx,
+        notify::About::Delivery(claimed.id),
+        notify::Kind::Bounced,
+        json!({ "reason": reply }),
+    )
+    .await?;
+    for enrollment in ended.iter().filter(|e| **e != claimed.enrollment_id) {
+        notify::enqueue(
+            tx,
+            notify::About::Enrollment(*enrollment),
+            notify::Kind::Bounced,
+            json!({ "reason": reply }),
+        )
+        .await?;
+    }
+    Ok(())
+}
+
+/// A failure that may pass: retried after the backoff up to `LEADFLOW_SENDER_MAX_ATTEMPTS`, then failed. A soft
+/// bounce (`soft`: the recipient's mailbox, not the connection or a policy) also counts toward the address's
+/// soft-bounce run, which suppresses it once the run reaches the configured limit.
+async fn record_transient(
+    ctx: &Context,
+    claimed: &Claimed,
+    text: &str,
+    soft: Option<&Reply>,
+    address: &str,
+    masked_to: &str,
+) -> anyhow::Result<Fate> {
+    let id = claimed.id;
+    let attempts = claimed.attempts;
+    let failed = || format!("failed to record delivery {id} for a retry");
+    let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
+    let tx = client.transaction().await.with_context(failed)?;
+    let owned = tx
+        .query_opt(
+            &format!("SELECT 1 FROM deliveries WHERE id = $1 AND attempts = $2 AND {OWNED} FOR UPDATE"),
+            &[&id, &attempts],
+        )
+        .await
+        .with_context(failed)?
+        .is_some();
+    if !owned {
+        tx.commit().await.with_context(failed)?;
+        metrics::abandoned(id);
+        return Ok(Fate::Skipped);
+    }
+    if let (Some(reply), Ok(email)) = (soft, EmailAddress::parse(address)) {
+        let (limit, window) = settings::soft_bounce_rule(&tx).await?;
+        // One entry per attempt: each refused attempt is one soft bounce of the run.
+        let status = format!("smtp {} attempt {attempts}", reply.status());
+        if let Some(suppressed) = suppression::record_soft_bounce(&tx, &email, Some(id), &status, limit, window).await?
+        {
+            let reason = format!("bounced: {limit} transient failures in a row, the last: {reply}");
+            set_failed(&tx, claimed, &reason).await?;
+            notify_bounced(&tx, claimed, &suppressed.ended_enrollments, &reply.to_string()).await?;
+            tx.commit().await.with_context(failed)?;
+            metrics::bounced(id, masked_to, "soft");
+            metrics::failed(id, masked_to, &reason);
+            return Ok(Fate::Failed(reason));
+        }
+    }
+    let max = ctx.config.sender.max_attempts;
+    if attempts >= max {
+        let reason = format!("gave up after {attempts} attempts: {text}");
+        set_failed(&tx, claimed, &reason).await?;
+        tx.commit().await.with_context(failed)?;
+        metrics::failed(id, masked_to, &reason);
+        return Ok(Fate::Failed(reason));
+    }
+    let reason = format!("retrying: {text}");
+    let wait = backoff(ctx.config.sender.retry_base, attempts);
+    tx.execute(
+        &format!(
+            "UPDATE deliveries
+                SET state = 'retrying', reason = $2, due_at = now() + make_interval(secs => $3),
+                    updated_at = now()
+              WHERE id = $1 AND attempts = $4 AND {OWNED}"
+        ),
+        &[&id, &reason, &wait.as_secs_f64(), &attempts],
+    )
+    .await
+    .with_context(failed)?;
+    tx.commit().await.with_context(failed)?;
+    metrics::retrying(id, masked_to, attempts, wait, &reason);
+    Ok(Fate::Retrying(reason))
+}
+
+/// The connection failed or timed out after the data went out: the server may have the message. Recorded as
+/// `uncertain` at once, never retried.
+async fn record_uncertain(ctx: &Context, claimed: &Claimed, text: &str, masked_to: &str) -> anyhow::Result<Fate> {
+    let reason = format!("uncertain: {text}; not resent");
+    let client = ctx.pool.get().await.context("failed to get a database connection")?;
+    client
+        .execute(
+            "UPDATE deliveries SET state = 'uncertain', reason = $2, updated_at = now()
+              WHERE id = $1 AND attempts = $3 AND state = 'sending'",
+            &[&claimed.id, &reason, &claimed.attempts],
+        )
+        .await
+        .with_context(|| format!("failed to record delivery {} as uncertain", claimed.id))?;
+    metrics::uncertain(claimed.id, masked_to, &reason);
+    Ok(Fate::Uncertain(reason))
+}
+
+/// Over a rate limit: back to `retrying`, due when the limit allows; the attempt is given back.
+async fn record_deferred(
+    ctx: &Context,
+    claimed: &Claimed,
+    wait: Duration,
+    limit: &'static str,
+) -> anyhow::Result<Fate> {
+    let due_at = chrono::Utc::now() + chrono::TimeDelta::from_std(wait).unwrap_or(chrono::TimeDelta::MAX / 2);
+    let reason = format!("deferred: over the {limit} send-rate limit");
+    let client = ctx.pool.get().await.context("failed to get a database connection")?;
+    client
+        .execute(
+            "UPDATE deliveries
+                SET state = 'retrying', attempts = attempts - 1, due_at = $2, reason = $3, updated_at = now()
+              WHERE id = $1 AND attempts = $4 AND state = 'sending' AND smtp_started_at IS NULL",
+            &[&claimed.id, &due_at, &reason, &claimed.attempts],
+        )
+        .await
+        .with_context(|| format!("failed to defer delivery {}", claimed.id))?;
+    metrics::deferred(claimed.id, wait, limit);
+    Ok(Fate::Deferred)
+}
+
+/// Claims one delivery in a single committed statement: `rendered` -> `sending` (attempts + 1, no SMTP start
+/// mark) when its enrollment is active and the address not suppressed (the lead's mark, or a suppression entry,
+/// global or for the delivery's campaign), `rendered` -> `cancelled` otherwise.
 ///
 /// The row is locked first without a state filter: the scheduler publishes a retry before it commits the row
 /// back to `rendered`, and `FOR UPDATE` waits for that commit and then reads the row as it is.
@@ -277,8 +567,13 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
     let row = client
         .query_opt(
             "WITH target AS (
-                 SELECT d.id, d.state, e.status AS enrollment_status, e.reason AS enrollment_reason,
-                        l.suppressed_reason, cp.bcc
+                 SELECT d.id, d.state, d.enrollment_id, e.status AS enrollment_status,
+                        e.reason AS enrollment_reason, cp.bcc,
+                        coalesce(l.suppressed_reason,
+                                 (SELECT s.reason FROM suppressions s
+                                   WHERE s.email_hash = encode(sha256(convert_to(l.email, 'UTF8')), 'hex')
+                                     AND (s.campaign_id IS NULL OR s.campaign_id = d.campaign_id)
+                                   ORDER BY s.campaign_id NULLS FIRST LIMIT 1)) AS suppressed_reason
                    FROM deliveries d
                    JOIN enrollments e ON e.id = d.enrollment_id
                    JOIN leads l ON l.id = d.lead_id
@@ -287,7 +582,8 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
                     FOR UPDATE OF d
              ),
              claimed AS (
-                 UPDATE deliveries d SET state = 'sending', attempts = d.attempts + 1, updated_at = now()
+                 UPDATE deliveries d SET state = 'sending', attempts = d.attempts + 1, smtp_started_at = NULL,
+                        updated_at = now()
                    FROM target t
                   WHERE d.id = t.id AND t.state = 'rendered'
                     AND t.enrollment_status = 'active' AND t.suppressed_reason IS NULL
@@ -302,7 +598,7 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
                     AND (t.enrollment_status <> 'active' OR t.suppressed_reason IS NOT NULL)
                  RETURNING d.reason
              )
-             SELECT c.attempts, x.reason AS cancelled_reason, r.delivery_id,
+             SELECT c.attempts, x.reason AS cancelled_reason, t.enrollment_id, r.delivery_id,
                     r.to_address, r.to_name, r.subject, r.body_text, r.body_html, t.bcc
                FROM target t
                LEFT JOIN claimed c ON true
@@ -333,7 +629,12 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
             bcc: row.try_get("bcc")?,
         }),
     };
-    Ok(Claim::Claimed { attempts, rendered })
+    Ok(Claim::Claimed(Claimed {
+        id,
+        attempts,
+        enrollment_id: row.try_get("enrollment_id")?,
+        rendered,
+    }))
 }
 
 /// The wait before the next attempt: `base * 2^(attempts - 1)`, at most [`MAX_BACKOFF`].
