@@ -83,7 +83,9 @@ install_postfix_tools() {
         say "stopping the postfix MTA the package started"
         as_root postfix stop >/dev/null 2>&1 || true
     fi
-    have smtp-sink && have smtp-source || die "postfix installed but smtp-sink/smtp-source not found"
+    if ! have smtp-sink || ! have smtp-source; then
+        die "postfix installed but smtp-sink/smtp-source not found"
+    fi
 }
 
 machine() {
@@ -96,7 +98,9 @@ machine() {
 }
 
 have cargo || die "cargo not found: run deploy/setup.sh first (it installs Rust)"
-have psql && have rabbitmqctl || bash deploy/setup.sh -q
+if ! have psql || ! have rabbitmqctl; then
+    bash deploy/setup.sh -q
+fi
 install_postfix_tools
 machine
 
