@@ -99,7 +99,7 @@ struct RunArgs {
     /// The offered rates (events/s) of the latency ladder, ascending; it stops at the first one not sustained
     /// (when that is the first, it halves the rate until one is sustained, down to 50/s), then tries once the
     /// rate halfway between the highest sustained and the lowest not sustained.
-    /// Default 1000,2000,3000,4000,6000,8000 (quick: 500).
+    /// Default 1000,2000,3000,4000,6000,8000 (quick: 250, and no halfway step).
     #[arg(long, value_delimiter = ',')]
     rates: Option<Vec<f64>>,
     /// Length of each ladder step. Default 60s (quick: 3s).
@@ -134,6 +134,8 @@ struct Plan {
     isolated: u64,
     /// The sustained run's offered rate (`--rate`).
     rate: Option<f64>,
+    /// Quick mode: no refining step on the ladder.
+    quick: bool,
     /// Longest wait without progress before work counts as stuck.
     stall: Duration,
 }
@@ -149,7 +151,7 @@ impl Plan {
         };
         let mut rates = args.rates.clone().unwrap_or_else(|| {
             if q {
-                vec![500.0]
+                vec![250.0]
             } else {
                 vec![1000.0, 2000.0, 3000.0, 4000.0, 6000.0, 8000.0]
             }
@@ -177,6 +179,7 @@ impl Plan {
             )?,
             isolated: args.isolated_emails.unwrap_or(if q { 2_000 } else { 50_000 }),
             rate: args.rate.filter(|r| *r > 0.0),
+            quick: q,
             stall: Duration::from_secs(if q { 10 } else { 30 }),
         })
     }
@@ -700,7 +703,7 @@ impl Bench {
             rate = (rate / 2.0).round();
         }
         // One more step halfway between the highest rate that held and the lowest that did not.
-        if let (Some(low), Some(high)) = (highest, failed) {
+        if let (Some(low), Some(high), false) = (highest, failed, self.plan.quick) {
             let middle = ((low + high) / 2.0).round();
             if middle > low && middle < high && self.ladder_step(middle).await? {
                 highest = Some(middle);

@@ -540,6 +540,27 @@ async fn campaign_results_are_exported_as_prometheus_metrics() {
     let value: f64 = line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(value >= 1.0, "{line}");
     assert!(body.contains("leadflow_campaign_targeted{"), "{body}");
+    assert!(
+        !body.contains("leadflow_variant_sent{campaign=\"cart-recovery\""),
+        "a campaign without a test has no variant lines"
+    );
+
+    // A campaign running an A/B test reports per variant.
+    apply_yaml(
+        &app,
+        "name: split\nlead_source: trial.started\nvariants:\n  - { name: A, steps: [{ delay: 1s, template: cart-reminder }] }\n  - { name: B, steps: [{ delay: 1s, template: cart-reminder }] }\n",
+    )
+    .await
+    .expect("apply");
+    app.post_event(&event("trial.started", "bob@example.com")).await;
+    app.smtp.wait_for_to("bob@example.com", 1, DEADLINE).await;
+    leadflow_scheduler::results::refresh(&ctx).await.unwrap();
+    let body = app.get("/metrics").await.text().await.unwrap();
+    let variant_lines: Vec<&str> = body
+        .lines()
+        .filter(|l| l.starts_with("leadflow_variant_targeted{") && l.contains("campaign=\"split\""))
+        .collect();
+    assert_eq!(variant_lines.len(), 2, "one line per variant of split in:\n{body}");
     app.stop().await;
 }
 

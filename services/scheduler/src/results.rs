@@ -31,7 +31,20 @@ pub async fn refresh(ctx: &Context) -> anyhow::Result<usize> {
     for row in &rows {
         export(row);
     }
-    Ok(rows.len())
+    let variants = crate::abtest::variant_stats(&client).await?;
+    for v in &variants {
+        export_variant(v);
+    }
+    Ok(rows.len() + variants.len())
+}
+
+/// Per A/B variant (and the holdout group, `variant="holdout"`), for campaigns that have more than one line.
+fn export_variant(v: &crate::abtest::VariantStats) {
+    let labels = [("campaign", v.campaign.clone()), ("variant", v.variant.clone())];
+    metrics::gauge!("leadflow_variant_targeted", &labels).set(v.targeted as f64);
+    metrics::gauge!("leadflow_variant_sent", &labels).set(v.sent as f64);
+    metrics::gauge!("leadflow_variant_converted", &labels).set(v.converted as f64);
+    metrics::gauge!("leadflow_variant_conversion_rate", &labels).set(v.conversion_rate);
 }
 
 fn export(row: &StepStats) {
