@@ -106,6 +106,8 @@ machine
 
 say "building (release)"
 cargo build --release -q --bin leadflow --bin leadflow-bench
+BUILT_AT=$SECONDS
+say "built in ${BUILT_AT}s"
 readonly LEADFLOW=target/release/leadflow
 readonly BENCH=target/release/leadflow-bench
 
@@ -135,7 +137,7 @@ cleanup() {
     else
         say "service logs kept in $WORK"
     fi
-    say "scratch database $DB and namespace $NS removed; total ${SECONDS}s"
+    say "scratch database $DB and namespace $NS removed; ${SECONDS}s in all, $((SECONDS - ${BUILT_AT:-0}))s after the build"
     exit "$status"
 }
 trap cleanup EXIT

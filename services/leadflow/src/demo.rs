@@ -26,7 +26,7 @@ pub async fn run(config: Config, dir: &Path, timeout: Duration) -> anyhow::Resul
     let events = read_events(&dir.join("events.json"))?;
     let conversion = read_events(&dir.join("conversion.json"))?;
 
-    // Each run gets fresh event ids, so running the demo again sends again instead of being ignored as a repeat.
+    // Each run gets fresh ids, so running the demo again sends again instead of being ignored as a repeat.
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_string();
     let events = with_run_id(events, &run_id);
     let conversion = with_run_id(conversion, &run_id);
@@ -176,8 +176,14 @@ fn with_run_id(events: Vec<Value>, run_id: &str) -> Vec<Value> {
     events
         .into_iter()
         .map(|mut e| {
+            // Fresh event, checkout and order ids: a checkout already followed up is not enrolled again.
             if let Some(id) = e["id"].as_str() {
                 e["id"] = Value::String(format!("{id}-{run_id}"));
+            }
+            for key in ["checkout_id", "order_id"] {
+                if let Some(id) = e["data"][key].as_str() {
+                    e["data"][key] = Value::String(format!("{id}-{run_id}"));
+                }
             }
             e
         })
