@@ -117,11 +117,17 @@ readonly NS="bench${ID}"
 WORK="$(mktemp -d /tmp/leadflow-bench.XXXXXX)"
 readonly WORK
 SINK_PID=""
+BENCH_PID=""
 CREATED_DB=0
 
 cleanup() {
     local status=$?
     trap - EXIT INT TERM
+    if [ -n "$BENCH_PID" ] && kill -0 "$BENCH_PID" 2>/dev/null; then
+        # It stops the services it started, then exits.
+        kill -TERM "$BENCH_PID" 2>/dev/null || true
+        wait "$BENCH_PID" 2>/dev/null || true
+    fi
     if [ -n "$SINK_PID" ]; then
         kill "$SINK_PID" 2>/dev/null || true
         wait "$SINK_PID" 2>/dev/null || true
@@ -181,4 +187,7 @@ say "scratch database $DB, namespace $NS, smtp-sink on 127.0.0.1:$PORT (pid $SIN
     --sink-pid "$SINK_PID" \
     --sink-counter "$WORK/sink.counter" \
     --work-dir "$WORK" \
-    "$@"
+    "$@" &
+# In the background, so a signal to this script runs the cleanup at once (it stops the bench first).
+BENCH_PID=$!
+wait "$BENCH_PID"

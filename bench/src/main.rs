@@ -355,7 +355,10 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
     println!("service settings: {}", service_env.join(" "));
     println!("durability: persistent messages with publisher confirms, manual acks, synchronous_commit as above");
 
-    let result = bench.execute(&args).await;
+    let result = tokio::select! {
+        result = bench.execute(&args) => result,
+        () = interrupted() => Err(anyhow::anyhow!("interrupted (SIGINT or SIGTERM)")),
+    };
     let stopped = bench.stop_all().await;
     bench.report.print_summary();
     if let Err(e) = &result {
@@ -369,6 +372,18 @@ async fn run(args: RunArgs) -> anyhow::Result<()> {
         eprintln!("bench: {e:#}");
     }
     result.and(stopped)
+}
+
+/// Resolves on SIGINT or SIGTERM, so the services this run started are stopped before it exits.
+async fn interrupted() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let Ok(mut term) = signal(SignalKind::terminate()) else {
+        return std::future::pending().await;
+    };
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
 }
 
 /// Refreshes the PostgreSQL processes of the run, and samples what the services' sessions are doing, five times a
