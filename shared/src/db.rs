@@ -16,6 +16,7 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (3, "marketing", include_str!("../migrations/0003_marketing.sql")),
     (4, "api_keys", include_str!("../migrations/0004_api_keys.sql")),
     (5, "consent", include_str!("../migrations/0005_consent.sql")),
+    (6, "indexes", include_str!("../migrations/0006_indexes.sql")),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.
