@@ -480,6 +480,16 @@ async fn each_outside_exit_ends_the_sequence_with_its_reason() {
             .unwrap()
             .get(0);
         assert_eq!(suppressed.as_deref(), Some(reason));
+        // On the suppression list too, like an unsubscribe from the page or a bounce report.
+        let listed: i64 = client
+            .query_one(
+                "SELECT count(*) FROM suppressions WHERE email = $1 AND reason = $2 AND campaign_id IS NULL",
+                &[&email, &reason],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(listed, 1, "{email} is not on the suppression list");
     }
     app.stop().await;
 }

@@ -4,8 +4,9 @@
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 
-use leadflow_shared::domain::{EventType, LeadSource};
+use leadflow_shared::domain::{EmailAddress, EventType, LeadSource};
 use leadflow_shared::settings;
+use leadflow_shared::suppression;
 
 use crate::metrics;
 use crate::{codes, notify};
@@ -41,7 +42,7 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     // The row lock makes two schedulers handling the same event take turns; the second sees it handled.
     let Some(row) = tx
         .query_opt(
-            "SELECT e.type, e.lead_id, e.data, l.suppressed_reason
+            "SELECT e.type, e.lead_id, e.data, l.suppressed_reason, l.email
              FROM events e JOIN leads l ON l.id = e.lead_id
              WHERE e.id = $1 AND e.handled_at IS NULL
              FOR UPDATE OF e",
@@ -56,6 +57,7 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     let lead_id: i64 = row.get(1);
     let data: Value = row.get(2);
     let suppressed: Option<String> = row.get(3);
+    let email: String = row.get(4);
     let event_type = EventType::parse(&event_type)?;
 
     match &event_type {
@@ -66,7 +68,7 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
         }
         EventType::OrderCompleted => {
             let purchase = Purchase::of(&data);
-            h.cancelled_deliveries = end_sequences(tx, lead_id, "converted", "completed", Some(&purchase)).await?;
+            h.cancelled_deliveries = end_purchased_sequences(tx, lead_id, &purchase).await?;
             h.conversions = record_conversion(tx, lead_id, id, &data).await?;
         }
         EventType::LeadUnsubscribed
@@ -74,17 +76,23 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
         | EventType::EmailBounced
         | EventType::EmailComplained => {
             let reason = match event_type {
-                EventType::LeadUnsubscribed => "unsubscribed",
-                EventType::LeadSuspended => "suspended",
-                EventType::EmailBounced => "bounced",
-                _ => "complained",
+                EventType::LeadUnsubscribed => suppression::Reason::Unsubscribed,
+                EventType::LeadSuspended => suppression::Reason::Suspended,
+                EventType::EmailBounced => suppression::Reason::Bounced,
+                _ => suppression::Reason::Complained,
             };
-            tx.execute(
-                "UPDATE leads SET suppressed_reason = $2, suppressed_at = now() WHERE id = $1 AND suppressed_reason IS NULL",
-                &[&lead_id, &reason],
-            )
-            .await?;
-            h.cancelled_deliveries = end_sequences(tx, lead_id, reason, "cancelled", None).await?;
+            // The same mechanism as the unsubscribe page and bounce reports: a suppression list entry, the lead
+            // marked, its open follow-ups cancelled with the reason.
+            let address = EmailAddress::parse(&email)?;
+            let done = suppression::suppress(tx, &address, reason, "event", None, None).await?;
+            if let Some(kind) = notify::Kind::for_reason(reason.as_str()) {
+                for enrollment in &done.ended_enrollments {
+                    let details = serde_json::json!({ "reason": reason.as_str() });
+                    notify::enqueue(tx, notify::About::Enrollment(*enrollment), kind, details).await?;
+                }
+            }
+            metrics::cancelled(reason.as_str(), done.cancelled_deliveries);
+            h.cancelled_deliveries = done.cancelled_deliveries as usize;
         }
         _ => {}
     }
@@ -258,20 +266,12 @@ pub fn pick_variant(lead_id: i64, campaign_id: i64, variants: &[(String, i32)]) 
     None
 }
 
-/// Ends the lead's active enrollments and cancels their open deliveries with `reason`. With a subject (a
-/// purchase naming its checkout or products), only the sequences about that checkout or those products end, plus
-/// any sequence about nothing in particular.
-async fn end_sequences(
-    tx: &impl GenericClient,
-    lead_id: i64,
-    reason: &str,
-    status: &str,
-    subject: Option<&Purchase>,
-) -> anyhow::Result<usize> {
-    let (checkouts, skus): (Vec<String>, Vec<String>) = match subject {
-        Some(p) => (p.checkout_id.iter().cloned().collect(), p.skus.clone()),
-        None => (Vec::new(), Vec::new()),
-    };
+/// A purchase ends the lead's sequences it concerns (completed, reason `converted`): those about its checkout or
+/// products, plus any sequence about nothing in particular; a purchase naming neither ends them all.
+async fn end_purchased_sequences(tx: &impl GenericClient, lead_id: i64, purchase: &Purchase) -> anyhow::Result<usize> {
+    let (reason, status) = ("converted", "completed");
+    let checkouts: Vec<String> = purchase.checkout_id.iter().cloned().collect();
+    let skus = purchase.skus.clone();
     let everything = checkouts.is_empty() && skus.is_empty();
     let ended = tx
         .query(
