@@ -17,6 +17,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (4, "api_keys", include_str!("../migrations/0004_api_keys.sql")),
     (5, "consent", include_str!("../migrations/0005_consent.sql")),
     (6, "indexes", include_str!("../migrations/0006_indexes.sql")),
+    (7, "lead_records", include_str!("../migrations/0007_lead_records.sql")),
+    (8, "lead_profile", include_str!("../migrations/0008_lead_profile.sql")),
+    (9, "scoring", include_str!("../migrations/0009_scoring.sql")),
+    (10, "search", include_str!("../migrations/0010_search.sql")),
+    (11, "imports", include_str!("../migrations/0011_imports.sql")),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.

@@ -136,13 +136,15 @@ async fn create_template() -> anyhow::Result<String> {
 
 async fn create_template_locked(admin: &tokio_postgres::Client, name: &str) -> anyhow::Result<()> {
     // Databases of earlier runs nobody is connected to: test databases a killed process left behind, and
-    // templates of older migrations.
+    // templates of older migrations (kept when LEADFLOW_TEST_KEEP_TEMPLATES is set, for checkouts of different
+    // migrations testing side by side on one server).
+    let keep_templates = std::env::var_os("LEADFLOW_TEST_KEEP_TEMPLATES").is_some();
     let leftovers = admin
         .query(
             "SELECT datname FROM pg_database d
-              WHERE (datname LIKE 'lf\\_test\\_%' OR (datname LIKE 'lf\\_template\\_%' AND datname <> $1))
+              WHERE (datname LIKE 'lf\\_test\\_%' OR (datname LIKE 'lf\\_template\\_%' AND datname <> $1 AND NOT $2))
                 AND NOT EXISTS (SELECT 1 FROM pg_stat_activity a WHERE a.datname = d.datname)",
-            &[&name],
+            &[&name, &keep_templates],
         )
         .await?;
     for row in leftovers {

@@ -45,12 +45,13 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     // New non-empty values win; absent ones leave the stored profile alone.
     let lead_id: i64 = tx
         .query_one(
-            "INSERT INTO leads (email, first_name, last_name, phone, country, language, timezone, attributes)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)
+            "INSERT INTO leads (email, first_name, last_name, phones, country, language, timezone, attributes)
+             VALUES ($1, $2, $3, coalesce(array_remove(ARRAY[$4::text], NULL), '{}'), $5, $6, $7, $8)
              ON CONFLICT (email) DO UPDATE SET
                  first_name = coalesce(EXCLUDED.first_name, leads.first_name),
                  last_name  = coalesce(EXCLUDED.last_name, leads.last_name),
-                 phone      = coalesce(EXCLUDED.phone, leads.phone),
+                 phones     = CASE WHEN $4::text IS NULL OR $4::text = ANY (leads.phones) THEN leads.phones
+                                   ELSE leads.phones || $4::text END,
                  country    = coalesce(EXCLUDED.country, leads.country),
                  language   = coalesce(EXCLUDED.language, leads.language),
                  timezone   = coalesce(EXCLUDED.timezone, leads.timezone),

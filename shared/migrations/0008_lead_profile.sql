@@ -1,0 +1,1 @@
+-- Lead profile behaviour: inquiry links and statuses kept by triggers, change history.

@@ -1,0 +1,1 @@
+-- Scoring: thresholds, half-life, decay sweep support.
