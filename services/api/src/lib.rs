@@ -8,7 +8,9 @@ pub mod auth;
 pub mod campaigns;
 pub mod consent;
 pub mod keys;
+pub mod leads;
 mod metrics;
+pub mod openapi;
 pub mod problem;
 pub mod public;
 pub mod results;
@@ -66,6 +68,8 @@ pub fn routes(pool: Pool) -> Router {
             "/v1/admin/leads/{email}",
             get(suppressions::export).delete(suppressions::erase),
         )
+        .merge(leads::routes())
+        .merge(openapi::routes())
         .route("/v1/admin", any(not_found))
         .route("/v1/admin/{*rest}", any(not_found))
         .method_not_allowed_fallback(method_not_allowed)

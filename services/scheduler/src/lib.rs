@@ -9,6 +9,7 @@ pub mod enroll;
 mod metrics;
 pub mod notify;
 pub mod results;
+pub mod scoring;
 pub mod stats;
 pub mod timer;
 pub mod timing;

@@ -1,0 +1,9 @@
+//! Placeholder for the lists routes of the lead API; filled in by the change that builds them.
+
+use axum::Router;
+
+use crate::ApiState;
+
+pub fn routes() -> Router<ApiState> {
+    Router::new()
+}
