@@ -842,6 +842,11 @@ async fn export_returns_the_lead_data_and_erasure_keeps_only_a_hashed_suppressio
 
 /// Runs `leadflow <args>` with the app's configuration; returns (success, stdout, stderr).
 async fn leadflow(app: &TestApp, args: &[&str]) -> (bool, String, String) {
+    leadflow_as(app, None, args).await
+}
+
+/// Runs the `leadflow` command against the test's API, presenting `key` (the `leads` commands go through the API).
+async fn leadflow_as(app: &TestApp, key: Option<&str>, args: &[&str]) -> (bool, String, String) {
     let mut command = tokio::process::Command::new(LEADFLOW);
     command.args(args).stdin(Stdio::null()).kill_on_drop(true);
     for (key, _) in std::env::vars() {
@@ -851,6 +856,10 @@ async fn leadflow(app: &TestApp, args: &[&str]) -> (bool, String, String) {
     }
     for (key, value) in app.env() {
         command.env(key, value);
+    }
+    command.env("LEADFLOW_API_URL", app.url(""));
+    if let Some(key) = key {
+        command.env("LEADFLOW_API_KEY", key);
     }
     let out = tokio::time::timeout(DEADLINE, command.output())
         .await
@@ -900,12 +909,28 @@ async fn the_command_line_adds_lists_imports_resubscribes_exports_and_erases() {
         .get(0);
     assert!(actor.starts_with("cli"), "{actor}");
 
-    let (ok, out, err) = leadflow(&app, &["leads", "export", "gil@example.com"]).await;
+    let (ok, _, err) = leadflow(&app, &["leads", "export-data", "gil@example.com"]).await;
+    assert!(!ok && err.contains("LEADFLOW_API_KEY"), "the API needs a key: {err}");
+    let reader = keys::create(&app.db().await, "cli-reader", &[Scope::Read])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (ok, _, err) = leadflow_as(
+        &app,
+        Some(reader.key.expose_secret()),
+        &["leads", "erase", "gil@example.com"],
+    )
+    .await;
+    assert!(!ok && err.contains("403"), "erasure needs the admin scope: {err}");
+    let admin = keys::create(&app.db().await, "cli-admin", &[Scope::Admin])
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let admin = admin.key.expose_secret();
+    let (ok, out, err) = leadflow_as(&app, Some(admin), &["leads", "export-data", "gil@example.com"]).await;
     assert!(ok, "{err}");
     let data: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
     assert_eq!(data["lead"], Value::Null);
     assert_eq!(data["suppressions"][0]["reason"], json!("unsubscribed"));
-    let (ok, out, err) = leadflow(&app, &["leads", "erase", "gil@example.com"]).await;
+    let (ok, out, err) = leadflow_as(&app, Some(admin), &["leads", "erase", "gil@example.com"]).await;
     assert!(ok, "{out}{err}");
     assert_eq!(
         suppressions_of(&app, "gil@example.com").await,

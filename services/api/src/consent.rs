@@ -501,7 +501,8 @@ pub async fn import(
 
 /// Everything stored about an address, as JSON: `lead` (the profile, `null` when the address is not a lead),
 /// `events`, `enrollments`, `deliveries` (each with its rendered `message`), `conversions`, `discount_codes`,
-/// `notifications`, `suppressions` and `suppression_log`.
+/// `notifications`, `inquiries`, `notes` (with their revisions), `changes`, `score_ledger`, `lists`, `suppressions`
+/// and `suppression_log`.
 pub async fn export(client: &impl GenericClient, email: &str) -> Result<Value, ConsentError> {
     let email = parse_email("email", email)?;
     let hash = suppression::email_hash(&email);
@@ -548,7 +549,7 @@ pub async fn export(client: &impl GenericClient, email: &str) -> Result<Value, C
         "suppression_log": log,
     });
     if let Some(lead_id) = lead_id {
-        let parts: [(&str, &str); 6] = [
+        let parts: [(&str, &str); 11] = [
             (
                 "events",
                 "SELECT coalesce(jsonb_agg(to_jsonb(e) - 'lead_id' ORDER BY e.occurred_at, e.id), '[]'::jsonb)
@@ -584,6 +585,37 @@ pub async fn export(client: &impl GenericClient, email: &str) -> Result<Value, C
                 "notifications",
                 "SELECT coalesce(jsonb_agg(to_jsonb(n) - 'lead_id' - 'last_error' ORDER BY n.id), '[]'::jsonb)
                  FROM notifications n WHERE n.lead_id = $1",
+            ),
+            (
+                "inquiries",
+                "SELECT coalesce(jsonb_agg(to_jsonb(i) - 'lead_id' ORDER BY i.id), '[]'::jsonb)
+                 FROM inquiries i WHERE i.lead_id = $1",
+            ),
+            (
+                "notes",
+                "SELECT coalesce(jsonb_agg(to_jsonb(n) - 'lead_id'
+                                           || jsonb_build_object('revisions',
+                                                (SELECT coalesce(jsonb_agg(to_jsonb(r) - 'note_id' ORDER BY r.id),
+                                                                 '[]'::jsonb)
+                                                   FROM lead_note_revisions r WHERE r.note_id = n.id))
+                                           ORDER BY n.id), '[]'::jsonb)
+                 FROM lead_notes n WHERE n.lead_id = $1",
+            ),
+            (
+                "changes",
+                "SELECT coalesce(jsonb_agg(to_jsonb(c) - 'lead_id' ORDER BY c.id), '[]'::jsonb)
+                 FROM lead_changes c WHERE c.lead_id = $1",
+            ),
+            (
+                "score_ledger",
+                "SELECT coalesce(jsonb_agg(to_jsonb(s) - 'lead_id' ORDER BY s.id), '[]'::jsonb)
+                 FROM score_ledger s WHERE s.lead_id = $1",
+            ),
+            (
+                "lists",
+                "SELECT coalesce(jsonb_agg(jsonb_build_object('list', l.name, 'added_at', m.added_at)
+                                           ORDER BY l.name), '[]'::jsonb)
+                 FROM lead_list_members m JOIN lead_lists l ON l.id = m.list_id WHERE m.lead_id = $1",
             ),
         ];
         for (key, sql) in parts {

@@ -1,4 +1,5 @@
-//! The command line: `leadflow run | migrate | apply | campaigns | codes | stats | keys | suppressions | leads | demo`.
+//! The command line: `leadflow run | migrate | apply | campaigns | codes | stats | keys | suppressions | leads |
+//! lists | demo`.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -22,6 +23,8 @@ use crate::Component;
 struct Cli {
     #[command(subcommand)]
     command: Command,
+    #[command(flatten)]
+    api: crate::leads_cli::ApiArgs,
 }
 
 #[derive(Subcommand)]
@@ -73,10 +76,16 @@ enum Command {
         #[command(subcommand)]
         action: SuppressionAction,
     },
-    /// A lead's data: export it as JSON, or erase it (a hashed suppression entry is kept).
+    /// Lead records, through the HTTP API (LEADFLOW_API_URL, LEADFLOW_API_KEY): show, create, update, search,
+    /// timeline, notes, merge, import and export, custom fields, personal data export and erasure.
     Leads {
         #[command(subcommand)]
-        action: LeadAction,
+        action: crate::leads_cli::LeadAction,
+    },
+    /// Static lists and saved filters (segments), through the HTTP API; usable as campaign audiences.
+    Lists {
+        #[command(subcommand)]
+        action: crate::leads_cli::ListAction,
     },
     /// Set up the demo data, run every service, send sample events, and show the emails that came out.
     Demo {
@@ -190,14 +199,6 @@ enum SuppressionAction {
 }
 
 #[derive(Subcommand)]
-enum LeadAction {
-    /// Print everything stored about an address as JSON.
-    Export { email: String },
-    /// Delete the lead and its personal data; a suppression entry with the address's hash only is kept.
-    Erase { email: String },
-}
-
-#[derive(Subcommand)]
 enum CampaignAction {
     /// List campaigns with their steps.
     List,
@@ -224,7 +225,7 @@ pub fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(execute(cli.command, config)) {
+    match runtime.block_on(execute(cli.command, cli.api, config)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("leadflow: {e:#}");
@@ -233,7 +234,7 @@ pub fn main() -> ExitCode {
     }
 }
 
-async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
+async fn execute(command: Command, api: crate::leads_cli::ApiArgs, config: Config) -> anyhow::Result<()> {
     match command {
         Command::Run { components } => {
             telemetry::init_logging(&config.log);
@@ -420,7 +421,8 @@ async fn execute(command: Command, config: Config) -> anyhow::Result<()> {
             Ok(())
         }
         Command::Suppressions { action } => suppressions(action, &config).await,
-        Command::Leads { action } => leads(action, &config).await,
+        Command::Leads { action } => crate::leads_cli::run(action, &api.client(config.http.addr)?).await,
+        Command::Lists { action } => crate::leads_cli::lists(action, &api.client(config.http.addr)?).await,
         Command::Demo { dir, timeout } => {
             let timeout = leadflow_shared::domain::parse_delay(&timeout).context("--timeout")?;
             crate::demo::run(config, &dir, timeout).await
@@ -527,36 +529,6 @@ async fn suppressions(action: SuppressionAction, config: &Config) -> anyhow::Res
                     "{} line(s) of {} rejected; the other addresses were suppressed",
                     report.rejected.len(),
                     file.display()
-                );
-            }
-        }
-    }
-    Ok(())
-}
-
-async fn leads(action: LeadAction, config: &Config) -> anyhow::Result<()> {
-    use leadflow_api::consent;
-
-    let pool = db::pool(&config.database)?;
-    db::check_schema(&pool).await?;
-    let mut client = pool.get().await?;
-    match action {
-        LeadAction::Export { email } => {
-            let data = consent::export(&client, &email).await?;
-            println!("{}", serde_json::to_string_pretty(&data)?);
-        }
-        LeadAction::Erase { email } => {
-            let erased = consent::erase(&mut client, &email, &cli_actor()).await?;
-            if erased.lead_deleted {
-                println!(
-                    "lead erased: {} events, {} enrollments, {} deliveries, {} conversions deleted; \
-                     kept a suppression by hash {}",
-                    erased.events, erased.enrollments, erased.deliveries, erased.conversions, erased.email_hash
-                );
-            } else {
-                println!(
-                    "no lead with that address; kept a suppression by hash {}",
-                    erased.email_hash
                 );
             }
         }

@@ -2,8 +2,10 @@
 
 pub mod apply;
 pub mod cli;
+pub mod client;
 pub mod defaults;
 mod demo;
+pub mod leads_cli;
 
 /// The admin REST API and its keys (`leadflow_api`), for callers that depend on this crate only.
 pub use leadflow_api as api;
