@@ -620,3 +620,31 @@ async fn every_request_needs_a_valid_key_with_the_right_scope_and_a_revoked_key_
     assert_eq!(wrong_method.status, 405, "{wrong_method:#?}");
     assert_eq!(wrong_method.content_type, "application/problem+json");
 }
+
+#[tokio::test]
+async fn a_body_over_the_limit_is_refused_as_a_problem_and_the_document_is_served_without_a_key() {
+    let app = TestApp::spawn_with(&[Component::Api], &[("LEADFLOW_MAX_BODY_BYTES", "4096")]).await;
+    let admin = Admin::with_scope(&app, Scope::Write).await;
+
+    let mut campaign = trial_campaign();
+    campaign["description"] = json!("x".repeat(8192));
+    let refused = admin.post("/v1/admin/campaigns", &campaign).await;
+    assert_eq!(refused.status.as_u16(), 413, "{refused:#?}");
+    assert_eq!(refused.content_type, "application/problem+json", "{refused:#?}");
+    assert!(
+        refused.body["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("LEADFLOW_MAX_BODY_BYTES")),
+        "{refused:#?}"
+    );
+    // Under the limit, the same request goes through.
+    admin.post("/v1/admin/campaigns", &trial_campaign()).await.expect(201);
+
+    let document = Admin::new(&app, None).get("/v1/openapi.json").await.expect(200);
+    assert!(
+        document["openapi"].as_str().is_some_and(|v| v.starts_with("3.1")),
+        "{document}"
+    );
+    assert!(document["paths"]["/v1/events"]["post"].is_object(), "{document}");
+    app.stop().await;
+}

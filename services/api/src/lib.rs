@@ -17,7 +17,9 @@ pub mod results;
 pub mod suppressions;
 pub mod templates;
 
-use axum::http::StatusCode;
+use axum::extract::DefaultBodyLimit;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{any, delete, get, post, put};
 use axum::Router;
 use deadpool_postgres::Pool;
@@ -25,6 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use leadflow_shared::http::Problem;
 use leadflow_shared::service::{Context, Service};
+
+/// The largest suppression file accepted by `POST /v1/admin/suppressions/import` (about a million addresses).
+pub const SUPPRESSION_FILE_BYTES: usize = 64 * 1024 * 1024;
 
 /// What every admin handler shares.
 #[derive(Clone)]
@@ -34,8 +39,12 @@ pub struct ApiState {
 
 /// The admin API and the public unsubscribe page (`/u/{token}`, [`public`]): routes only, no background tasks.
 pub fn service(ctx: &Context, _shutdown: CancellationToken) -> Service {
+    let routes = routes(ctx.pool.clone())
+        // LEADFLOW_MAX_BODY_BYTES bounds every JSON body; routes that take files set their own, larger limit.
+        .layer(DefaultBodyLimit::max(ctx.config.http.max_body_bytes))
+        .layer(axum::middleware::map_response(too_large_as_problem));
     Service::new("api")
-        .routes(routes(ctx.pool.clone()))
+        .routes(routes)
         .routes(public::routes(ctx.pool.clone(), ctx.config.mail.keyring.clone()))
 }
 
@@ -62,7 +71,10 @@ pub fn routes(pool: Pool) -> Router {
             "/v1/admin/suppressions",
             get(suppressions::list).post(suppressions::add),
         )
-        .route("/v1/admin/suppressions/import", post(suppressions::import))
+        .route(
+            "/v1/admin/suppressions/import",
+            post(suppressions::import).layer(DefaultBodyLimit::max(SUPPRESSION_FILE_BYTES)),
+        )
         .route("/v1/admin/suppressions/{email}", delete(suppressions::remove))
         .route(
             "/v1/admin/leads/{email}",
@@ -75,6 +87,23 @@ pub fn routes(pool: Pool) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(metrics::track))
         .with_state(ApiState { pool })
+}
+
+/// axum answers an oversized body with a plain-text 413; every error of this API is problem+json.
+async fn too_large_as_problem(response: Response) -> Response {
+    let is_problem = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/problem+json"));
+    if response.status() != StatusCode::PAYLOAD_TOO_LARGE || is_problem {
+        return response;
+    }
+    Problem::new(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "payload-too-large",
+        "the request body is larger than this endpoint accepts (LEADFLOW_MAX_BODY_BYTES for JSON bodies)",
+    )
+    .into_response()
 }
 
 async fn not_found() -> Problem {
