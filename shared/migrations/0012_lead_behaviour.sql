@@ -1,0 +1,1 @@
+-- Lead profile behaviour: inquiries from events and follow-ups, statuses kept in step, change history.

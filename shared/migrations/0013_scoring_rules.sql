@@ -1,0 +1,1 @@
+-- Scoring: thresholds, half-life, decay support, hot-lead events.

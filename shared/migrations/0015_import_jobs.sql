@@ -1,0 +1,1 @@
+-- Imports and exports: job progress and mapping support.
