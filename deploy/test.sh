@@ -15,4 +15,18 @@ if ! command -v cargo >/dev/null 2>&1 && [ -x "${CARGO_HOME:-$HOME/.cargo}/bin/c
 fi
 
 cargo build --workspace --bins
+
+# The OpenAPI document the API serves must be valid OpenAPI 3.1.
+if ! python3 -c 'import openapi_spec_validator' 2>/dev/null; then
+    echo "test: installing openapi-spec-validator for python3"
+    python3 -m pip install --quiet --user openapi-spec-validator 2>/dev/null ||
+        python3 -m pip install --quiet --user --break-system-packages openapi-spec-validator ||
+        {
+            echo "test: could not install openapi-spec-validator; install python3-openapi-spec-validator with apt-get" >&2
+            exit 1
+        }
+fi
+target/debug/leadflow openapi >target/openapi.json
+python3 -m openapi_spec_validator --schema 3.1 target/openapi.json
+
 cargo test --workspace --all-targets "$@"

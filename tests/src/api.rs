@@ -114,7 +114,8 @@ impl ApiClient {
             .await
             .unwrap_or_else(|e| panic!("{method} {path}: failed to read the body: {e}"))
             .to_vec();
-        let body = serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        let body =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
         Answer {
             status,
             content_type,

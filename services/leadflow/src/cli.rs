@@ -96,6 +96,12 @@ enum Command {
         #[arg(long, default_value = "120s")]
         timeout: String,
     },
+    /// Print the OpenAPI 3.1 document of the HTTP API (the one served at /v1/openapi.json).
+    Openapi {
+        /// YAML instead of JSON.
+        #[arg(long)]
+        yaml: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -426,6 +432,15 @@ async fn execute(command: Command, api: crate::leads_cli::ApiArgs, config: Confi
         Command::Demo { dir, timeout } => {
             let timeout = leadflow_shared::domain::parse_delay(&timeout).context("--timeout")?;
             crate::demo::run(config, &dir, timeout).await
+        }
+        Command::Openapi { yaml } => {
+            let doc = leadflow_api::openapi::document().map_err(|e| anyhow::anyhow!(e))?;
+            if yaml {
+                print!("{}", serde_yaml_ng::to_string(&doc)?);
+            } else {
+                println!("{}", serde_json::to_string_pretty(&doc)?);
+            }
+            Ok(())
         }
     }
 }
