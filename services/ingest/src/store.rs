@@ -1,7 +1,10 @@
-//! Storing accepted events: upsert the lead by email, record the event on its timeline, skip repeats.
+//! Storing accepted events: upsert the lead by email (a new lead gets its origin from the event), record the event
+//! on its timeline, open or touch the inquiry it is about, skip repeats.
 
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
+
+use leadflow_scheduler::enroll::Subject;
 
 use crate::events::LeadEvent;
 
@@ -43,10 +46,18 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     let p = &event.profile;
     let attributes = Value::Object(p.attributes.clone());
     // New non-empty values win; absent ones leave the stored profile alone.
+    let origin = origin_candidates(event);
+    let keyword: Option<String> =
+        text_at(&event.data, &["search_keyword", "utm_term"]).map(|k| k.chars().take(200).collect());
+    // The origin (source, its category, search keyword) is written when the lead is created, never on a repeat.
     let lead_id: i64 = tx
         .query_one(
-            "INSERT INTO leads (email, first_name, last_name, phones, country, language, timezone, attributes)
-             VALUES ($1, $2, $3, coalesce(array_remove(ARRAY[$4::text], NULL), '{}'), $5, $6, $7, $8)
+            "WITH origin AS (SELECT name, category FROM lead_sources WHERE name = ANY ($9::text[])
+                              ORDER BY array_position($9::text[], name) LIMIT 1)
+             INSERT INTO leads (email, first_name, last_name, phones, country, language, timezone, attributes,
+                                source, original_source, original_source_category, search_keyword)
+             VALUES ($1, $2, $3, coalesce(array_remove(ARRAY[$4::text], NULL), '{}'), $5, $6, $7, $8,
+                     (SELECT name FROM origin), (SELECT name FROM origin), (SELECT category FROM origin), $10)
              ON CONFLICT (email) DO UPDATE SET
                  first_name = coalesce(EXCLUDED.first_name, leads.first_name),
                  last_name  = coalesce(EXCLUDED.last_name, leads.last_name),
@@ -67,6 +78,8 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
                 &p.language,
                 &p.timezone,
                 &attributes,
+                &origin,
+                &keyword,
             ],
         )
         .await?
@@ -87,5 +100,65 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
             ],
         )
         .await?;
-    Ok(inserted.map(|row| row.get(0)))
+    let Some(row) = inserted else {
+        return Ok(None);
+    };
+    let event_id: i64 = row.get(0);
+    record_inquiry(tx, lead_id, event_id, event).await?;
+    Ok(Some(event_id))
+}
+
+/// Opens the inquiry the event is about (its checkout, order or product, keyed like enrollments), or fills in what
+/// the stored one lacks. An event about nothing in particular has no inquiry.
+async fn record_inquiry(tx: &impl GenericClient, lead_id: i64, event_id: i64, event: &LeadEvent) -> anyhow::Result<()> {
+    let subject = Subject::of(&event.data);
+    let key = subject.key();
+    if key.is_empty() {
+        return Ok(());
+    }
+    let product_name = event
+        .data
+        .get("product")
+        .and_then(|p| p.get("name"))
+        .and_then(Value::as_str)
+        .filter(|n| !n.is_empty());
+    tx.execute(
+        "INSERT INTO inquiries (lead_id, subject, product_sku, product_name, lead_source, event_id)
+         VALUES ($1, $2, $3, $4, $5, $6)
+         ON CONFLICT (lead_id, subject) DO UPDATE SET
+             product_sku  = coalesce(inquiries.product_sku, EXCLUDED.product_sku),
+             product_name = coalesce(inquiries.product_name, EXCLUDED.product_name),
+             status       = CASE WHEN inquiries.status = 'New' THEN 'Started' ELSE inquiries.status END,
+             updated_at   = now()",
+        &[
+            &lead_id,
+            &key,
+            &subject.product_sku,
+            &product_name,
+            &event.event_type.as_str(),
+            &event_id,
+        ],
+    )
+    .await?;
+    Ok(())
+}
+
+/// The lead sources a new lead may come from, best first: the event's own `data.source`, then the shop for
+/// checkout and order events. Only a defined source (`lead_sources`) is used.
+fn origin_candidates(event: &LeadEvent) -> Vec<String> {
+    let mut candidates: Vec<String> = text_at(&event.data, &["source"]).into_iter().collect();
+    let kind = event.event_type.as_str();
+    if kind.starts_with("checkout.") || kind.starts_with("order.") {
+        candidates.push("checkout".into());
+    }
+    candidates
+}
+
+/// The first non-empty string among `keys` of `data`.
+fn text_at(data: &Value, keys: &[&str]) -> Option<String> {
+    keys.iter()
+        .filter_map(|k| data.get(*k).and_then(Value::as_str))
+        .map(str::trim)
+        .find(|s| !s.is_empty())
+        .map(str::to_string)
 }
