@@ -19,6 +19,18 @@ pub const MIN_DELAY_PREFIX: &str = "min_delay.";
 /// `frequency_cap`: at most N follow-ups per lead within a period, across every campaign (`2/1d`); `off`: no cap.
 pub const FREQUENCY_CAP: &str = "frequency_cap";
 
+/// `scoring.half_life`: a lead's score halves over this period without new points; `off` keeps scores as they are.
+pub const SCORING_HALF_LIFE: &str = "scoring.half_life";
+/// `scoring.hot`: a score at or above this makes a lead hot.
+pub const SCORING_HOT: &str = "scoring.hot";
+/// `scoring.warm`: a score at or above this (and below `scoring.hot`) makes a lead warm; below it, cold.
+pub const SCORING_WARM: &str = "scoring.warm";
+pub const DEFAULT_SCORING_HALF_LIFE: Duration = Duration::from_secs(30 * 86_400);
+pub const DEFAULT_SCORING_HOT: f64 = 50.0;
+pub const DEFAULT_SCORING_WARM: f64 = 20.0;
+/// The largest threshold a user may set (scores of 100 points per rule add up, but not without bound).
+pub const MAX_SCORING_THRESHOLD: f64 = 100_000.0;
+
 pub const DEFAULT_STALE_AFTER: Duration = Duration::from_secs(7 * 86_400);
 pub const DEFAULT_ATTRIBUTION_WINDOW: Duration = Duration::from_secs(5 * 86_400);
 
@@ -31,6 +43,9 @@ pub fn known_keys() -> Vec<(String, &'static str)> {
         (FREQUENCY_CAP.to_string(), "N/duration, e.g. 2/1d, or off"),
         (SOFT_BOUNCE_LIMIT.to_string(), "a count, e.g. 5 (0: never)"),
         (SOFT_BOUNCE_WINDOW.to_string(), "a duration, e.g. 7d"),
+        (SCORING_HALF_LIFE.to_string(), "a duration, e.g. 30d, or off"),
+        (SCORING_HOT.to_string(), "a score, e.g. 50"),
+        (SCORING_WARM.to_string(), "a score, e.g. 20"),
     ];
     for source in LeadSource::ALL {
         keys.push((format!("{MIN_DELAY_PREFIX}{}", source.as_str()), "a duration, e.g. 1h"));
@@ -68,6 +83,30 @@ pub fn parse_value(key: &str, raw: &str) -> Result<Value, Invalid> {
     if key == FREQUENCY_CAP {
         let cap = FrequencyCap::parse(raw).map_err(|e| Invalid(format!("{key}: {}", e.0)))?;
         return Ok(Value::String(cap.map_or_else(|| "off".to_string(), |c| c.to_string())));
+    }
+    if key == SCORING_HALF_LIFE {
+        let raw = raw.trim();
+        if raw.eq_ignore_ascii_case("off") || raw == "0" {
+            return Ok(Value::String("off".into()));
+        }
+        let d = parse_delay(raw).map_err(|e| Invalid(format!("{key}: {e}")))?;
+        if d.as_secs() == 0 {
+            return Ok(Value::String("off".into()));
+        }
+        return Ok(Value::String(format_delay(d)));
+    }
+    if key == SCORING_HOT || key == SCORING_WARM {
+        return raw
+            .trim()
+            .parse::<f64>()
+            .ok()
+            .filter(|n| n.is_finite() && n.abs() <= MAX_SCORING_THRESHOLD)
+            .map(Value::from)
+            .ok_or_else(|| {
+                Invalid(format!(
+                    "{key}: expected a number from -{MAX_SCORING_THRESHOLD} to {MAX_SCORING_THRESHOLD}, got {raw:?}"
+                ))
+            });
     }
     if key == SENDING_ENABLED {
         return match raw.trim() {
@@ -127,6 +166,9 @@ fn default_of(key: &str) -> Value {
         FREQUENCY_CAP => Value::String("off".into()),
         SOFT_BOUNCE_LIMIT => Value::from(DEFAULT_SOFT_BOUNCE_LIMIT),
         SOFT_BOUNCE_WINDOW => Value::String(format_delay(DEFAULT_SOFT_BOUNCE_WINDOW)),
+        SCORING_HALF_LIFE => Value::String(format_delay(DEFAULT_SCORING_HALF_LIFE)),
+        SCORING_HOT => Value::from(DEFAULT_SCORING_HOT),
+        SCORING_WARM => Value::from(DEFAULT_SCORING_WARM),
         _ => Value::String("0s".into()),
     }
 }
@@ -165,6 +207,55 @@ pub async fn frequency_cap(client: &impl GenericClient) -> anyhow::Result<Option
         .await?
         .and_then(|v| v.as_str().and_then(|s| FrequencyCap::parse(s).ok()))
         .flatten())
+}
+
+/// How scores decay and what makes a lead hot or warm.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Scoring {
+    /// `None`: scores do not decay.
+    pub half_life: Option<Duration>,
+    pub hot: f64,
+    pub warm: f64,
+}
+
+impl Default for Scoring {
+    fn default() -> Self {
+        Self {
+            half_life: Some(DEFAULT_SCORING_HALF_LIFE),
+            hot: DEFAULT_SCORING_HOT,
+            warm: DEFAULT_SCORING_WARM,
+        }
+    }
+}
+
+/// The scoring settings in force. A stored value that no longer parses counts as its default.
+pub async fn scoring(client: &impl GenericClient) -> anyhow::Result<Scoring> {
+    let rows = client
+        .query(
+            "SELECT key, value FROM settings WHERE key = ANY ($1)",
+            &[&[SCORING_HALF_LIFE, SCORING_HOT, SCORING_WARM].as_slice()],
+        )
+        .await?;
+    let mut out = Scoring::default();
+    for row in rows {
+        let key: String = row.get(0);
+        let value: Value = row.get(1);
+        match key.as_str() {
+            SCORING_HALF_LIFE => match value.as_str() {
+                Some("off") => out.half_life = None,
+                Some(text) => {
+                    if let Ok(d) = parse_delay(text) {
+                        out.half_life = (!d.is_zero()).then_some(d);
+                    }
+                }
+                None => {}
+            },
+            SCORING_HOT => out.hot = value.as_f64().unwrap_or(DEFAULT_SCORING_HOT),
+            SCORING_WARM => out.warm = value.as_f64().unwrap_or(DEFAULT_SCORING_WARM),
+            _ => {}
+        }
+    }
+    Ok(out)
 }
 
 /// At most `max` follow-ups per lead within any period of length `per`, counted across every campaign.
