@@ -6,6 +6,7 @@ pub mod db;
 pub mod domain;
 pub mod dsn;
 pub mod http;
+pub mod lead_filter;
 pub mod messages;
 pub mod service;
 pub mod settings;
