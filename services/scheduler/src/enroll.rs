@@ -9,7 +9,7 @@ use leadflow_shared::settings;
 use leadflow_shared::suppression;
 
 use crate::metrics;
-use crate::{codes, notify};
+use crate::{codes, notify, scoring};
 
 /// What handling a batch of events did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -25,9 +25,13 @@ pub struct Handled {
 pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Handled> {
     let mut total = Handled::default();
     let mut client = pool.get().await?;
+    let scoring = scoring::EventScoring::load(&client).await?;
     for id in event_ids {
         let tx = client.transaction().await?;
         let h = handle_event(&tx, *id).await?;
+        if h.skipped == 0 {
+            scoring.apply_event(&tx, *id, chrono::Utc::now()).await?;
+        }
         tx.commit().await?;
         total.enrollments += h.enrollments;
         total.cancelled_deliveries += h.cancelled_deliveries;

@@ -23,5 +23,6 @@ pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
         .task("consumer", consumer::run(ctx.clone(), shutdown.clone()))
         .task("timer", timer::run(ctx.clone(), shutdown.clone()))
         .task("notify", notify::run(ctx.clone(), shutdown.clone()))
+        .task("scoring", scoring::run(ctx.clone(), shutdown.clone()))
         .task("results", results::run(ctx.clone(), shutdown))
 }

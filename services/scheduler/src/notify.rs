@@ -39,6 +39,8 @@ pub enum Kind {
     Bounced,
     Converted,
     Unsubscribed,
+    /// The lead's score crossed the hot threshold (see [`crate::scoring`]).
+    BecameHot,
 }
 
 impl Kind {
@@ -49,6 +51,7 @@ impl Kind {
             Self::Bounced => "bounced",
             Self::Converted => "converted",
             Self::Unsubscribed => "unsubscribed",
+            Self::BecameHot => "lead_hot",
         }
     }
 
