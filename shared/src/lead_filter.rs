@@ -210,7 +210,7 @@ impl LeadFilter {
     /// error naming `list`.
     pub async fn resolve_lists<C>(&mut self, client: &C) -> Result<(), ResolveError>
     where
-        C: tokio_postgres::GenericClient + Sync,
+        C: deadpool_postgres::GenericClient,
     {
         self.resolve_at(client, 0).await
     }
@@ -221,7 +221,7 @@ impl LeadFilter {
         depth: usize,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<(), ResolveError>> + Send + 'a>>
     where
-        C: tokio_postgres::GenericClient + Sync,
+        C: deadpool_postgres::GenericClient,
     {
         Box::pin(async move {
             for term in &mut self.terms {
