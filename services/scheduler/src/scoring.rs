@@ -966,7 +966,8 @@ pub struct Recomputed {
 
 /// Brings every lead's attribute-rule points in line with the rules (after rules were created, changed or
 /// deleted), [`BATCH`] leads per transaction. Leads whose points are right are only read.
-pub async fn recompute_all(pool: &Pool, actor: &str, now: DateTime<Utc>) -> anyhow::Result<Recomputed> {
+pub async fn recompute_all(pool: &Pool, actor: &str) -> anyhow::Result<Recomputed> {
+    let now = Utc::now();
     let mut client = pool.get().await.context("failed to connect to PostgreSQL")?;
     let rules = active_attribute_rules(&client).await?;
     let scoring = settings::scoring(&client).await?;

@@ -171,7 +171,7 @@ async fn delete_rule(
 /// `POST /v1/scoring/recompute`: brings every lead's attribute-rule points in line with the rules now (after
 /// attribute rules were created or changed); answers `{leads, changed}` when done.
 async fn recompute(Administrator(key): Administrator, State(state): State<ApiState>) -> Result<Response, Problem> {
-    let done = scoring::recompute_all(&state.pool, &key.name, Utc::now())
+    let done = scoring::recompute_all(&state.pool, &key.name)
         .await
         .map_err(|e| problem::internal("failed to recompute scores", e))?;
     Ok(Json(json!(done)).into_response())
