@@ -99,3 +99,5 @@ CREATE INDEX enrollments_by_lead ON enrollments (lead_id, created_at);
 CREATE INDEX conversions_by_lead ON conversions (lead_id);
 -- Notes' revisions, by note.
 CREATE INDEX lead_note_revisions_by_note ON lead_note_revisions (note_id, replaced_at);
+-- A lead's timeline reads resubscriptions of its address.
+CREATE INDEX suppression_log_by_hash ON suppression_log (email_hash, created_at);
