@@ -37,8 +37,9 @@ pub struct ApiState {
     pub pool: Pool,
 }
 
-/// The admin API and the public unsubscribe page (`/u/{token}`, [`public`]): routes only, no background tasks.
-pub fn service(ctx: &Context, _shutdown: CancellationToken) -> Service {
+/// The admin API and the public unsubscribe page (`/u/{token}`, [`public`]), and the lead import worker
+/// ([`leads::transfer::worker`]).
+pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
     let routes = routes(ctx.pool.clone())
         // LEADFLOW_MAX_BODY_BYTES bounds every JSON body; routes that take files set their own, larger limit.
         .layer(DefaultBodyLimit::max(ctx.config.http.max_body_bytes))
@@ -46,6 +47,7 @@ pub fn service(ctx: &Context, _shutdown: CancellationToken) -> Service {
     Service::new("api")
         .routes(routes)
         .routes(public::routes(ctx.pool.clone(), ctx.config.mail.keyring.clone()))
+        .task("imports", leads::transfer::worker::run(ctx.pool.clone(), shutdown))
 }
 
 /// Every `/v1/admin` route.
