@@ -46,7 +46,8 @@ pub async fn load(client: &impl GenericClient, name: Option<&str>) -> anyhow::Re
         .query(
             "SELECT id, name, description, status, coalesce(lead_source, 'all'), language, products, languages,
                     countries, notify_url, bcc, override_coupons, use_default_template, holdout_percent, ab_end,
-                    ab_keep_best, send_window, ab_winner, ab_ended_at, created_at, updated_at
+                    ab_keep_best, send_window, ab_winner, ab_ended_at, created_at, updated_at,
+                    (SELECT ll.name FROM lead_lists ll WHERE ll.id = campaigns.audience_list) AS audience
              FROM campaigns WHERE $1::text IS NULL OR name = $1 ORDER BY name",
             &[&name],
         )
@@ -132,6 +133,7 @@ pub async fn load(client: &impl GenericClient, name: Option<&str>) -> anyhow::Re
                 holdout_percent: u8::try_from(holdout).unwrap_or(0),
                 ab_test,
                 send_window,
+                audience: r.get(21),
             },
             ab_winner: r.get(17),
             ab_ended_at: r.get(18),
@@ -297,6 +299,10 @@ async fn store(state: &ApiState, spec: &CampaignSpec, replace: bool) -> Result<(
         }
     }
     check_templates_exist(&tx, spec, &campaign).await?;
+    scheduler::audience_list(&tx, &campaign)
+        .await
+        .map_err(failed)?
+        .map_err(|e| Problem::invalid_field(e.field, e.reason))?;
     let applied = scheduler::apply(&tx, &campaign).await.map_err(failed)?;
     let view = load_one(&tx, &campaign.name).await?;
     tx.commit().await.map_err(|e| failed(e.into()))?;

@@ -39,7 +39,21 @@ fn merge_part(doc: &mut Value, part: Value, name: &str) -> Result<(), String> {
     };
     for (key, value) in part {
         match key.as_str() {
-            "paths" => join(doc, "paths", value, name)?,
+            "paths" => {
+                // Parts may share a path with different methods (GET /v1/leads searches, POST creates).
+                let paths = match value {
+                    Value::Object(paths) => paths,
+                    Value::Null => continue,
+                    _ => return Err(format!("openapi/{name}: paths is not a mapping")),
+                };
+                let slot = doc.entry("paths").or_insert_with(|| Value::Object(Map::new()));
+                let Value::Object(slot) = slot else {
+                    return Err("paths is not a mapping".into());
+                };
+                for (path, operations) in paths {
+                    join(slot, &path, operations, name)?;
+                }
+            }
             "components" => {
                 let Value::Object(kinds) = value else {
                     return Err(format!("openapi/{name}: components is not a mapping"));
@@ -116,8 +130,8 @@ mod tests {
 
     #[test]
     fn a_path_defined_twice_is_refused() {
-        let mut doc = serde_json::json!({"paths": {"/a": {}}});
-        let part = serde_json::json!({"paths": {"/a": {}}});
+        let mut doc = serde_json::json!({"paths": {"/a": {"get": {}}}});
+        let part = serde_json::json!({"paths": {"/a": {"get": {}}}});
         assert!(merge_part(&mut doc, part, "x.yaml")
             .unwrap_err()
             .contains("defined twice"));

@@ -62,6 +62,9 @@ pub struct CampaignSpec {
     /// When follow-ups may go out, in the lead's time zone (the window's own zone when the lead has none).
     #[serde(default)]
     pub send_window: Option<SendWindow>,
+    /// A static list or segment (by name): only its leads are enrolled. Left out: every lead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -170,6 +173,8 @@ pub struct Campaign {
     pub holdout_percent: u8,
     pub ab_test: Option<AbTestSpec>,
     pub send_window: Option<SendWindow>,
+    /// The name of the list or segment whose leads alone are enrolled.
+    pub audience: Option<String>,
 }
 
 impl Campaign {
@@ -381,6 +386,13 @@ impl CampaignSpec {
                     .to_string(),
             ),
         };
+        let audience = match self.audience.as_deref().map(str::trim).filter(|a| !a.is_empty()) {
+            None => None,
+            Some(a) if a.chars().count() > 100 => {
+                return Err(fail("audience", "a list name is 1 to 100 characters".into()))
+            }
+            Some(a) => Some(a.to_string()),
+        };
         Ok(Campaign {
             name: name.to_string(),
             description: self.description.trim().to_string(),
@@ -398,6 +410,7 @@ impl CampaignSpec {
             holdout_percent: self.holdout_percent,
             ab_test: self.ab_test.clone(),
             send_window: self.send_window.clone(),
+            audience,
         })
     }
 }
@@ -533,6 +546,29 @@ pub enum Applied {
     Unchanged,
 }
 
+/// The id of the list a campaign's `audience` names (`None` without an audience); an unknown name is a
+/// [`CampaignError`] naming `audience`.
+pub async fn audience_list(
+    client: &impl GenericClient,
+    campaign: &Campaign,
+) -> anyhow::Result<Result<Option<i64>, CampaignError>> {
+    let Some(name) = &campaign.audience else {
+        return Ok(Ok(None));
+    };
+    let row = client
+        .query_opt("SELECT id FROM lead_lists WHERE name = $1", &[name])
+        .await
+        .context("failed to look up the campaign's audience")?;
+    Ok(match row {
+        Some(row) => Ok(Some(row.get(0))),
+        None => Err(CampaignError::new(
+            &campaign.name,
+            "audience",
+            format!("there is no list or segment named {name:?}: create it first (leadflow lists create)"),
+        )),
+    })
+}
+
 /// Creates or updates a campaign by name. Steps already scheduled for enrolled leads keep their times.
 pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::Result<Applied> {
     let status = if campaign.active { "active" } else { "inactive" };
@@ -540,12 +576,13 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
     let c = campaign;
     let ab_end = c.ab_test.as_ref().map(|t| serde_json::to_value(&t.end)).transpose()?;
     let send_window = c.send_window.as_ref().map(serde_json::to_value).transpose()?;
+    let audience_list = audience_list(client, c).await??;
     let row = client
         .query_one(
             "INSERT INTO campaigns (name, status, lead_source, language, description, products, languages, countries,
                                     notify_url, bcc, override_coupons, use_default_template,
-                                    holdout_percent, ab_end, ab_keep_best, send_window)
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16)
+                                    holdout_percent, ab_end, ab_keep_best, send_window, audience_list)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17)
              ON CONFLICT (name) DO UPDATE SET
                  status = EXCLUDED.status, lead_source = EXCLUDED.lead_source, language = EXCLUDED.language,
                  description = EXCLUDED.description, products = EXCLUDED.products, languages = EXCLUDED.languages,
@@ -553,6 +590,7 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
                  override_coupons = EXCLUDED.override_coupons, use_default_template = EXCLUDED.use_default_template,
                  holdout_percent = EXCLUDED.holdout_percent, ab_keep_best = EXCLUDED.ab_keep_best,
                  send_window = EXCLUDED.send_window, ab_end = EXCLUDED.ab_end,
+                 audience_list = EXCLUDED.audience_list,
                  -- a new end criterion starts the test over
                  ab_winner = CASE WHEN campaigns.ab_end IS NOT DISTINCT FROM EXCLUDED.ab_end
                                   THEN campaigns.ab_winner END,
@@ -563,14 +601,14 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
                                          campaigns.countries, campaigns.notify_url, campaigns.bcc,
                                          campaigns.override_coupons, campaigns.use_default_template,
                                          campaigns.holdout_percent, campaigns.ab_end, campaigns.ab_keep_best,
-                                         campaigns.send_window)
+                                         campaigns.send_window, campaigns.audience_list)
                                         IS NOT DISTINCT FROM
                                         (EXCLUDED.status, EXCLUDED.lead_source, EXCLUDED.language,
                                          EXCLUDED.description, EXCLUDED.products, EXCLUDED.languages,
                                          EXCLUDED.countries, EXCLUDED.notify_url, EXCLUDED.bcc,
                                          EXCLUDED.override_coupons, EXCLUDED.use_default_template,
                                          EXCLUDED.holdout_percent, EXCLUDED.ab_end, EXCLUDED.ab_keep_best,
-                                         EXCLUDED.send_window)
+                                         EXCLUDED.send_window, EXCLUDED.audience_list)
                                    THEN campaigns.updated_at ELSE now() END
              RETURNING id, (xmax = 0) AS created, updated_at = now() AS changed",
             &[
@@ -590,6 +628,7 @@ pub async fn apply(client: &impl GenericClient, campaign: &Campaign) -> anyhow::
                 &ab_end,
                 &c.ab_test.as_ref().is_some_and(|t| t.keep_best),
                 &send_window,
+                &audience_list,
             ],
         )
         .await?;

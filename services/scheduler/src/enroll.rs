@@ -5,6 +5,7 @@ use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 
 use leadflow_shared::domain::{EmailAddress, EventType, LeadSource};
+use leadflow_shared::lead_filter::{self, LeadFilter};
 use leadflow_shared::settings;
 use leadflow_shared::suppression;
 
@@ -106,6 +107,26 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     Ok(h)
 }
 
+/// Whether the lead is in a campaign's audience: a member of the static list, or matching the segment's filter
+/// as it reads now.
+async fn in_audience(tx: &impl GenericClient, list_id: i64, lead_id: i64) -> anyhow::Result<bool> {
+    let name: String = tx
+        .query_one("SELECT name FROM lead_lists WHERE id = $1", &[&list_id])
+        .await?
+        .get(0);
+    let mut filter = LeadFilter::from_pairs(&[("list".to_string(), name)])?;
+    filter.resolve_lists(tx).await?;
+    let (condition, mut params) = filter.to_sql(2);
+    params.insert(0, Box::new(lead_id));
+    let matched = tx
+        .query_opt(
+            &format!("SELECT 1 FROM leads l WHERE l.id = $1 AND {condition}"),
+            &lead_filter::param_refs(&params),
+        )
+        .await?;
+    Ok(matched.is_some())
+}
+
 /// What an event is about, for enrollment keys and for matching a purchase to the sequences it ends.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Subject {
@@ -135,7 +156,7 @@ impl Subject {
     }
 }
 
-/// Enrolls the lead in every active campaign whose targeting matches (lead source, products, languages,
+/// Enrolls the lead in every active campaign whose targeting matches (lead source, products, languages, audience,
 /// countries) and that the address is not suppressed for, once per lead x campaign x subject, creating one
 /// delivery row per step. Step 1 is due after its delay (at least the lead source's minimum delay); each later
 /// step after the previous one's due time.
@@ -151,7 +172,7 @@ async fn enroll(
     let min_delay = settings::min_delay(tx, source).await?.as_secs_f64();
     let campaigns = tx
         .query(
-            "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END
+            "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list
              FROM campaigns c JOIN leads l ON l.id = $2
              WHERE c.status = 'active'
                AND (c.lead_source IS NULL OR c.lead_source = $1)
@@ -172,6 +193,12 @@ async fn enroll(
         let campaign_id: i64 = campaign.get(0);
         let holdout_percent: i16 = campaign.get(1);
         let winner: Option<String> = campaign.get(2);
+        let audience: Option<i64> = campaign.get(3);
+        if let Some(list_id) = audience {
+            if !in_audience(tx, list_id, lead_id).await? {
+                continue;
+            }
+        }
         let holdout = in_holdout(lead_id, campaign_id, holdout_percent);
         let variant = if holdout {
             None
