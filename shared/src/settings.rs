@@ -351,6 +351,20 @@ mod tests {
     }
 
     #[test]
+    fn scoring_settings_take_a_half_life_or_off_and_numeric_thresholds() {
+        assert_eq!(parse_value(SCORING_HALF_LIFE, "720h").unwrap(), Value::String("30d".into()));
+        assert_eq!(parse_value(SCORING_HALF_LIFE, "off").unwrap(), Value::String("off".into()));
+        assert_eq!(parse_value(SCORING_HALF_LIFE, "0").unwrap(), Value::String("off".into()));
+        assert!(parse_value(SCORING_HALF_LIFE, "soon").is_err());
+        assert_eq!(parse_value(SCORING_HOT, " 60 ").unwrap(), Value::from(60.0));
+        assert_eq!(parse_value(SCORING_WARM, "12.5").unwrap(), Value::from(12.5));
+        for bad in ["warm", "NaN", "inf", "1e9"] {
+            assert!(parse_value(SCORING_WARM, bad).is_err(), "{bad}");
+        }
+        assert_eq!(default_of(SCORING_HOT), Value::from(DEFAULT_SCORING_HOT));
+    }
+
+    #[test]
     fn values_are_checked_per_key() {
         assert_eq!(parse_value("sending_enabled", "off").unwrap(), Value::Bool(false));
         assert_eq!(parse_value("stale_after", "72h").unwrap(), Value::String("3d".into()));
