@@ -278,6 +278,9 @@ fn emails_of(page: &Value) -> Vec<String> {
         .collect()
 }
 
+/// Query parameters in order.
+type Pairs<'a> = Vec<(&'a str, &'a str)>;
+
 /// The emails one page of the search finds (at most 500).
 async fn found(api: &ApiClient, pairs: &[(&str, &str)]) -> BTreeSet<String> {
     let mut all = pairs.to_vec();
@@ -327,7 +330,7 @@ async fn each_filter_returns_exactly_the_leads_it_describes() {
         "f5@filler.test",
     ];
 
-    let cases: Vec<(Vec<(&str, &str)>, Vec<&str>)> = vec![
+    let cases: Vec<(Pairs, Vec<&str>)> = vec![
         (
             vec![("created_from", "2026-01-10"), ("created_to", "2026-01-20")],
             vec!["bob@initech.test", "carla@acme.test"],
