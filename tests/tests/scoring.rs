@@ -510,3 +510,80 @@ async fn leadflow_apply_upserts_scoring_rules_by_name() {
     assert!(error.contains("points"), "{error}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test]
+async fn attribute_points_do_not_fade_and_a_merge_counts_a_rule_both_leads_held_once() {
+    let app = TestApp::spawn().await;
+    let api = admin(&app).await;
+    api.post(
+        "/v1/scoring/rules",
+        &json!({"name": "uk", "condition": {"field": "country", "op": "eq", "value": "gb"}, "points": 10}),
+    )
+    .await
+    .expect(201);
+    api.post(
+        "/v1/scoring/rules",
+        &json!({"name": "trial", "event_type": "trial.started", "points": 20}),
+    )
+    .await
+    .expect(201);
+    let (ann, bob) = ("ann.merge@example.com", "bob.merge@example.com");
+    app.post_event(&event("lead.captured", ann)).await; // the test events say country GB
+    app.post_event(&event("lead.captured", bob)).await;
+    wait_until_handled(&app).await;
+    let done = api.post_empty("/v1/scoring/recompute").await.expect(200);
+    assert_eq!(done["changed"], 2, "{done}");
+    app.post_event(&event("trial.started", ann)).await;
+    app.post_event(&event("trial.started", bob)).await;
+    let (ann_id, _, _, score_at) = wait_for_score(&app, ann, 30.0).await;
+    let (bob_id, ..) = wait_for_score(&app, bob, 30.0).await;
+
+    // One half-life later only the event points have halved: 10 + 20 / 2.
+    let score_at = score_at.unwrap_or_else(|| panic!("a scored lead has a score_at"));
+    scoring::decay_once(&pool(&app), score_at + TimeDelta::days(30))
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    let (_, score, ..) = score_of(&app, ann).await.unwrap_or_else(|| panic!("no lead"));
+    assert!((score - 20.0).abs() < 1e-6, "held points stay whole: {score}");
+
+    // Merging bob into ann carries bob's event points (10 after decay) but not a second "uk".
+    let mut client = app.db().await;
+    let tx = client.transaction().await.unwrap_or_else(|e| panic!("{e}"));
+    scoring::merge_scores(&tx, ann_id, bob_id, "tests")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    tx.execute("DELETE FROM leads WHERE id = $1", &[&bob_id])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+    let (_, score, temperature, _) = score_of(&app, ann).await.unwrap_or_else(|| panic!("no lead"));
+    assert!(
+        (score - 30.0).abs() < 1e-6,
+        "10 held + 10 own + 10 carried, got {score}"
+    );
+    assert_eq!(temperature, "warm");
+    let reasons: Vec<Value> = ledger(&api, ann_id, 50).await;
+    assert!(
+        reasons[0]["reason"]
+            .as_str()
+            .is_some_and(|r| r.starts_with(&format!("merged from lead {bob_id}"))),
+        "{reasons:#?}"
+    );
+
+    // The condition stops holding: exactly the 10 given are taken back.
+    set_country(&app, ann_id, "DE").await;
+    let (_, score, ..) = score_of(&app, ann).await.unwrap_or_else(|| panic!("no lead"));
+    assert!((score - 20.0).abs() < 1e-6, "{score}");
+}
+
+async fn set_country(app: &TestApp, lead_id: i64, country: &str) {
+    let mut client = app.db().await;
+    let tx = client.transaction().await.unwrap_or_else(|e| panic!("{e}"));
+    tx.execute("UPDATE leads SET country = $2 WHERE id = $1", &[&lead_id, &country])
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
+    scoring::rescore_lead(&tx, lead_id, "tests")
+        .await
+        .unwrap_or_else(|e| panic!("{e:#}"));
+    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+}

@@ -558,6 +558,19 @@ pub async fn apply(
     now: DateTime<Utc>,
     scoring: &Scoring,
 ) -> anyhow::Result<Applied> {
+    apply_holding(tx, lead_id, changes, now, scoring, None).await
+}
+
+/// [`apply`], with the attribute-rule points the lead held before `changes` when the caller knows them (the
+/// caller may have changed `lead_rule_state` already).
+async fn apply_holding(
+    tx: &impl GenericClient,
+    lead_id: i64,
+    changes: &[Change],
+    now: DateTime<Utc>,
+    scoring: &Scoring,
+    held_before: Option<f64>,
+) -> anyhow::Result<Applied> {
     let Some(row) = tx
         .query_opt(
             "SELECT score, score_at, temperature FROM leads WHERE id = $1 FOR UPDATE",
@@ -571,8 +584,21 @@ pub async fn apply(
     let stored: f64 = row.try_get(0)?;
     let score_at: Option<DateTime<Utc>> = row.try_get(1)?;
     let was: String = row.try_get(2)?;
+    // Points held from attribute rules do not fade (they are withdrawn in full when the condition stops
+    // holding); the rest of the score does.
+    let held: f64 = match held_before {
+        Some(held) => held,
+        None => tx
+            .query_one(
+                "SELECT coalesce(sum(points), 0)::float8 FROM lead_rule_state WHERE lead_id = $1",
+                &[&lead_id],
+            )
+            .await
+            .context("failed to read the points a lead holds")?
+            .try_get(0)?,
+    };
     let mut applied = Applied {
-        score: decayed(stored, score_at, now, scoring.half_life),
+        score: held + decayed(stored - held, score_at, now, scoring.half_life),
         ..Applied::default()
     };
     let mut last_ledger = None;
@@ -845,6 +871,41 @@ pub async fn rescore_lead(tx: &impl GenericClient, lead_id: i64, actor: &str) ->
     Ok(())
 }
 
+/// Carries a merged lead's score to the survivor, in the merge's transaction and before the merged lead is
+/// deleted: its fading points (decayed to now) with a ledger row naming the merged lead; its attribute-rule points
+/// are not carried (the survivor's rescore, done here, decides those from the merged profile, so a rule both held
+/// counts once). The survivor's temperature follows, and so does a `lead.hot` event if the merge makes it hot.
+pub async fn merge_scores(tx: &impl GenericClient, survivor: i64, merged: i64, actor: &str) -> anyhow::Result<()> {
+    let scoring = settings::scoring(tx).await?;
+    let now = Utc::now();
+    let Some(row) = tx
+        .query_opt(
+            "SELECT l.score, l.score_at,
+                    coalesce((SELECT sum(s.points) FROM lead_rule_state s WHERE s.lead_id = l.id), 0)::float8
+               FROM leads l WHERE l.id = $1 FOR UPDATE",
+            &[&merged],
+        )
+        .await
+        .context("failed to read the merged lead's score")?
+    else {
+        return Ok(());
+    };
+    let score: f64 = row.try_get(0)?;
+    let score_at: Option<DateTime<Utc>> = row.try_get(1)?;
+    let held: f64 = row.try_get(2)?;
+    let carried = decayed(score - held, score_at, now, scoring.half_life);
+    if carried.abs() >= MATERIAL {
+        let change = Change {
+            points: carried,
+            reason: format!("merged from lead {merged} (by {actor})"),
+            rule_id: None,
+            event_id: None,
+        };
+        apply(tx, survivor, &[change], now, &scoring).await?;
+    }
+    rescore_lead(tx, survivor, actor).await
+}
+
 /// [`rescore_lead`] with the rules and settings given; returns whether anything changed.
 pub async fn rescore_with(
     tx: &impl GenericClient,
@@ -932,7 +993,8 @@ pub async fn rescore_with(
             }
         }
     }
-    apply(tx, lead_id, &changes, now, scoring).await?;
+    let held_before = held.iter().map(|h| h.points).sum();
+    apply_holding(tx, lead_id, &changes, now, scoring, Some(held_before)).await?;
     Ok(true)
 }
 
@@ -1058,11 +1120,12 @@ pub async fn decay_once(pool: &Pool, now: DateTime<Utc>) -> anyhow::Result<u64> 
         let tx = client.transaction().await?;
         let due = tx
             .query(
-                "SELECT id FROM leads
-                  WHERE score <> 0 AND score_at < $1
-                    AND abs(score) * (1 - power(0.5, extract(epoch FROM ($1 - score_at))::float8 / $2)) >= $3
-                  ORDER BY score_at LIMIT $4
-                  FOR UPDATE SKIP LOCKED",
+                "SELECT l.id FROM leads l
+                  WHERE l.score <> 0 AND l.score_at < $1
+                    AND abs(l.score - coalesce((SELECT sum(s.points) FROM lead_rule_state s WHERE s.lead_id = l.id), 0))
+                        * (1 - power(0.5, extract(epoch FROM ($1 - l.score_at))::float8 / $2)) >= $3
+                  ORDER BY l.score_at LIMIT $4
+                  FOR UPDATE OF l SKIP LOCKED",
                 &[&now, &half_life.as_secs_f64(), &MATERIAL, &BATCH],
             )
             .await
