@@ -55,12 +55,15 @@ CREATE TRIGGER enrollment_ends_follow_up AFTER UPDATE OF status ON enrollments
     FOR EACH ROW WHEN (NEW.inquiry_id IS NOT NULL AND NEW.status <> 'active' AND OLD.status = 'active')
     EXECUTE FUNCTION enrollment_ends_follow_up();
 
--- A follow-up's outcome is the inquiry's email status: sent, bounced, failed, cancelled, uncertain.
+-- A follow-up's outcome is the inquiry's email status: sent, bounced, failed, uncertain, or cancelled when none went
+-- out.
 CREATE FUNCTION delivery_sets_email_status() RETURNS trigger LANGUAGE plpgsql AS $$
 BEGIN
     UPDATE inquiries i
        SET email_status = CASE
                WHEN NEW.state = 'failed' AND NEW.reason LIKE 'bounced%' THEN 'bounced'
+               -- A later step called off says nothing about the email that went out before it.
+               WHEN NEW.state = 'cancelled' THEN coalesce(i.email_status, 'cancelled')
                ELSE NEW.state END,
            follow_up_status = CASE
                WHEN NEW.state = 'sent' AND i.follow_up_status = 'scheduled' THEN 'in progress'

@@ -3,10 +3,16 @@
 //! history, an email change and a merge that keep the timeline, suspension stopping email, the timeline's pages,
 //! inquiries opened by events and kept in step with their follow-ups, and a read key refused a change.
 
+use std::process::Stdio;
+
 use serde_json::{json, Value};
 
 use leadflow::api::keys::Scope;
+use leadflow::Component;
 use leadflow_tests::{event, wait_until, ApiClient, TestApp, DEADLINE};
+
+/// The leadflow command, built for the tests.
+const LEADFLOW: &str = env!("CARGO_BIN_EXE_leadflow-under-test");
 
 /// Creates a lead (insisting on 201) and returns its id.
 async fn create(api: &ApiClient, body: Value) -> i64 {
@@ -604,4 +610,162 @@ async fn an_event_about_a_product_opens_an_inquiry_its_follow_up_sets_the_email_
     api.get(&format!("/v1/leads/{id}/timeline?cursor=nonsense"))
         .await
         .problem(400, "cursor");
+}
+
+#[tokio::test]
+async fn an_order_completes_the_inquiry_its_follow_up_was_about() {
+    let app = TestApp::builder().variant("long-second-step").spawn().await;
+    let api = ApiClient::with_scope(&app, Scope::Read).await;
+    let email = "ida@example.com";
+    let mut checkout = event("checkout.abandoned", email);
+    checkout["data"]["checkout_id"] = json!("c-9");
+    app.post_event(&checkout).await;
+    app.smtp.wait_for_to(email, 1, DEADLINE).await;
+    let id = lead_id_of(&app, email).await;
+
+    let mut order = event("order.completed", email);
+    order["data"]["checkout_id"] = json!("c-9");
+    order["data"]["order_id"] = json!("o-77");
+    app.post_event(&order).await;
+    wait_until("the order completes the inquiry", DEADLINE, || async {
+        lead(&api, id).await["inquiries"][0]["processed_order"] == "o-77"
+    })
+    .await;
+    let shown = lead(&api, id).await;
+    let inquiry = &shown["inquiries"][0];
+    assert_eq!(inquiry["subject"], json!("checkout:c-9"), "{shown:#}");
+    assert_eq!(inquiry["status"], json!("Completed"));
+    assert_eq!(inquiry["email_status"], json!("sent"));
+    wait_until("the follow-up is completed", DEADLINE, || async {
+        lead(&api, id).await["inquiries"][0]["follow_up_status"] == "completed"
+    })
+    .await;
+    assert_eq!(
+        lead(&api, id).await["inquiries"].as_array().map(Vec::len),
+        Some(1),
+        "the order is about the same checkout"
+    );
+    let timeline = whole_timeline(&api, id, 50).await;
+    assert!(kinds(&timeline).contains(&"order".to_string()), "{timeline:#?}");
+}
+
+#[tokio::test]
+async fn an_unsubscribed_lead_cannot_be_suspended_on_top_and_unsuspend_does_not_resubscribe_it() {
+    let app = TestApp::spawn_with(&[Component::Api], &[]).await;
+    let writer = ApiClient::with_scope(&app, Scope::Write).await;
+    let admin = ApiClient::with_scope(&app, Scope::Admin).await;
+    let id = create(&writer, json!({"email": "jo@example.com"})).await;
+    admin
+        .post(
+            "/v1/admin/suppressions",
+            &json!({"email": "jo@example.com", "reason": "unsubscribed", "note": "asked by phone"}),
+        )
+        .await
+        .expect(201);
+    writer
+        .post(&format!("/v1/leads/{id}/suspend"), &json!({"reason": "fraud"}))
+        .await
+        .problem(409, "reason");
+    admin
+        .post(&format!("/v1/leads/{id}/unsuspend"), &json!({"reason": "oops"}))
+        .await
+        .problem(409, "reason");
+    let shown = lead(&writer, id).await;
+    assert!(!shown["lead"]["consent"]["unsubscribed"].is_null(), "{shown:#}");
+    assert_eq!(shown["lead"]["consent"]["mailable"], json!(false));
+}
+
+/// Runs `leadflow <args>` and insists that it succeeds; returns its output.
+async fn run(app: &TestApp, key: &str, args: &[&str]) -> String {
+    let (ok, out, err) = leadflow(app, key, args).await;
+    assert!(ok, "leadflow {args:?} failed: {out}{err}");
+    out
+}
+
+/// Runs `leadflow <args>` against the test's API with `key`; returns (success, stdout, stderr).
+async fn leadflow(app: &TestApp, key: &str, args: &[&str]) -> (bool, String, String) {
+    let mut command = tokio::process::Command::new(LEADFLOW);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("LEADFLOW_") {
+            command.env_remove(name);
+        }
+    }
+    for (name, value) in app.env() {
+        command.env(name, value);
+    }
+    command
+        .env("LEADFLOW_API_URL", app.url(""))
+        .env("LEADFLOW_API_KEY", key);
+    let out = tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
+        .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[tokio::test]
+async fn the_command_line_creates_edits_notes_suspends_and_shows_the_timeline() {
+    let app = TestApp::spawn_with(&[Component::Api], &[]).await;
+    let writer = ApiClient::with_scope(&app, Scope::Write).await;
+    let key = writer.key().unwrap_or_default().to_string();
+    let out = run(
+        &app,
+        &key,
+        &[
+            "leads",
+            "create",
+            "kim@example.com",
+            "--set",
+            "city=Turku",
+            "--product",
+            "TR-2",
+        ],
+    )
+    .await;
+    assert!(out.contains("created") && out.contains("inquiry"), "{out}");
+    let id = lead_id_of(&app, "kim@example.com").await.to_string();
+    let id = id.as_str();
+    let out = run(&app, &key, &["leads", "create", "kim@example.com", "--product", "HK-9"]).await;
+    assert!(out.contains("already existed"), "{out}");
+    run(
+        &app,
+        &key,
+        &[
+            "leads",
+            "update",
+            id,
+            "--set",
+            "status=Inactive",
+            "--set",
+            "tags=vip,b2b",
+        ],
+    )
+    .await;
+    run(&app, &key, &["leads", "note", id, "prefers mornings"]).await;
+    let notes = run(&app, &key, &["leads", "note", id]).await;
+    assert!(notes.contains("prefers mornings"), "{notes}");
+    run(&app, &key, &["leads", "suspend", id, "--reason", "asked for a pause"]).await;
+    let shown = run(&app, &key, &["leads", "get", id]).await;
+    for expected in [
+        "Turku",
+        "Inactive",
+        "vip,b2b",
+        "suspended",
+        "asked for a pause",
+        "TR-2",
+        "HK-9",
+    ] {
+        assert!(shown.contains(expected), "{expected} in {shown}");
+    }
+    let timeline = run(&app, &key, &["leads", "timeline", id]).await;
+    for expected in ["note", "profile update", "suspended", "created", "inquiry"] {
+        assert!(timeline.contains(expected), "{expected} in {timeline}");
+    }
+    let (ok, out, err) = leadflow(&app, &key, &["leads", "unsuspend", id, "--reason", "back"]).await;
+    assert!(!ok, "a write key cannot lift a suspension: {out}{err}");
 }

@@ -993,6 +993,13 @@ const TIMELINE: &str = "
                               'currency', v.currency, 'campaign', c.name, 'step', v.step)
       FROM conversions v LEFT JOIN campaigns c ON c.id = v.campaign_id WHERE v.lead_id = $1
     UNION ALL
+    SELECT q.created_at, 'iq' || lpad(q.id::text, 20, '0'), 'inquiry',
+           'inquiry about ' || coalesce(q.product_name, q.product_sku, nullif(q.subject, ''), 'no product')
+             || coalesce(' (' || q.lead_source || ')', ''),
+           jsonb_build_object('inquiry_id', q.id, 'subject', q.subject, 'product_sku', q.product_sku,
+                              'lead_source', q.lead_source, 'status', q.status)
+      FROM inquiries q WHERE q.lead_id = $1
+    UNION ALL
     SELECT s.created_at, 'su' || lpad(s.id::text, 20, '0'), s.reason,
            s.reason || coalesce(' from ' || c.name, '') || ' (' || s.source || ')' || coalesce(': ' || s.note, ''),
            jsonb_build_object('reason', s.reason, 'source', s.source, 'note', s.note, 'campaign', c.name)
