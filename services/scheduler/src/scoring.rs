@@ -857,15 +857,20 @@ fn plan(lead: &Value, held: &[Held], rules: &[Rule]) -> Vec<Step> {
 /// Re-evaluates the attribute rules of one lead after its profile changed (an edit, an import, a merge), inside
 /// the caller's transaction. `actor` is recorded as the reason's author.
 pub async fn rescore_lead(tx: &impl GenericClient, lead_id: i64, actor: &str) -> anyhow::Result<()> {
-    let rules = active_attribute_rules(tx).await?;
-    let held_any = tx
-        .query_opt("SELECT 1 FROM lead_rule_state WHERE lead_id = $1 LIMIT 1", &[&lead_id])
+    // One cheap look first: an import calls this for every row, usually with no attribute rule at all.
+    let anything = tx
+        .query_one(
+            "SELECT EXISTS (SELECT 1 FROM scoring_rules WHERE active AND event_type IS NULL AND condition IS NOT NULL)
+                 OR EXISTS (SELECT 1 FROM lead_rule_state WHERE lead_id = $1)",
+            &[&lead_id],
+        )
         .await
-        .context("failed to read the rules a lead holds")?
-        .is_some();
-    if rules.is_empty() && !held_any {
+        .context("failed to look for attribute rules")?
+        .try_get::<_, bool>(0)?;
+    if !anything {
         return Ok(());
     }
+    let rules = active_attribute_rules(tx).await?;
     let scoring = settings::scoring(tx).await?;
     rescore_with(tx, lead_id, &rules, &scoring, actor, Utc::now()).await?;
     Ok(())
@@ -893,7 +898,11 @@ pub async fn merge_scores(tx: &impl GenericClient, survivor: i64, merged: i64, a
     let score: f64 = row.try_get(0)?;
     let score_at: Option<DateTime<Utc>> = row.try_get(1)?;
     let held: f64 = row.try_get(2)?;
-    let carried = decayed(score - held, score_at, now, scoring.half_life);
+    let fading = score - held;
+    let mut carried = decayed(fading, score_at, now, scoring.half_life);
+    if (carried - fading).abs() < MATERIAL {
+        carried = fading; // an immaterial decay is not applied, as in `apply`
+    }
     if carried.abs() >= MATERIAL {
         let change = Change {
             points: carried,
