@@ -692,6 +692,16 @@ pub async fn merge(
     let kept = row_of(survivor).ok_or_else(|| not_found(survivor))?;
     let gone = row_of(other).ok_or_else(|| Problem::invalid_field("from", format!("no lead with id {other}")))?;
 
+    // The other's score first, while its rows are its own: its fading points are carried (decayed to now, with a
+    // ledger row); the attribute rules it held are not, the survivor's rescore decides those from the merged
+    // profile.
+    leadflow_scheduler::scoring::merge_scores(&tx, survivor, other, &key.name)
+        .await
+        .map_err(|e| problem::internal("failed to carry the merged lead's score", e))?;
+    tx.execute("DELETE FROM lead_rule_state WHERE lead_id = $1", &[&other])
+        .await
+        .map_err(internal("failed to drop the merged lead's rule state"))?;
+
     // Rows that would clash with the survivor's own: the same inquiry subject, the same enrollment, the same list.
     tx.batch_execute(&format!(
         "UPDATE enrollments e SET inquiry_id = s.id
@@ -763,16 +773,13 @@ pub async fn merge(
     .await
     .map_err(internal("failed to release the customer id"))?;
     let mut changes = profile::write(&tx, survivor, &fill).await.map_err(write_problem)?;
-    let other_score = gone["score"].as_f64().unwrap_or(0.0);
     tx.execute(
-        "UPDATE leads SET score = score + $2, score_at = coalesce(score_at, now()),
-                attributes = $3::jsonb || attributes,
-                suppressed_reason = coalesce(suppressed_reason, $4), suppressed_at = coalesce(suppressed_at, $5),
+        "UPDATE leads SET attributes = $2::jsonb || attributes,
+                suppressed_reason = coalesce(suppressed_reason, $3), suppressed_at = coalesce(suppressed_at, $4),
                 updated_at = now()
           WHERE id = $1",
         &[
             &survivor,
-            &other_score,
             &gone["attributes"],
             &gone["suppressed_reason"].as_str(),
             &gone["suppressed_at"]
@@ -782,23 +789,14 @@ pub async fn merge(
         ],
     )
     .await
-    .map_err(internal("failed to add the scores"))?;
-    if other_score != 0.0 {
-        tx.execute(
-            "INSERT INTO score_ledger (lead_id, points, score, reason)
-             SELECT id, $2, score, $3 FROM leads WHERE id = $1",
-            &[&survivor, &other_score, &format!("merged from lead {other}")],
-        )
-        .await
-        .map_err(internal("failed to record the merged score"))?;
-    }
+    .map_err(internal("failed to merge the attributes"))?;
     let (kept_email, gone_email) = (kept["email"].as_str(), gone["email"].as_str());
     if let (Some(Ok(to)), Some(Ok(from))) = (kept_email.map(EmailAddress::parse), gone_email.map(EmailAddress::parse)) {
         carry_suppressions(&tx, &from, &to, "merge").await?;
     }
     changes.insert(
         "merged_from".into(),
-        json!({ "id": other, "email": gone["email"], "created_at": gone["created_at"], "score": other_score }),
+        json!({ "id": other, "email": gone["email"], "created_at": gone["created_at"], "score": gone["score"] }),
     );
     record_change(&tx, survivor, "merged", &Value::Object(changes), &key.name).await?;
     tx.execute("DELETE FROM leads WHERE id = $1", &[&other])
