@@ -63,17 +63,13 @@ async fn ledger(api: &ApiClient, lead_id: i64, limit: usize) -> Vec<Value> {
     }
 }
 
-/// Changes the lead's company size and rescores it in the same transaction, as a profile edit does.
-async fn set_company_size(app: &TestApp, lead_id: i64, size: &str) {
-    let mut client = app.db().await;
-    let tx = client.transaction().await.unwrap_or_else(|e| panic!("{e}"));
-    tx.execute("UPDATE leads SET company_size = $2 WHERE id = $1", &[&lead_id, &size])
+/// Changes the lead's company size through the API (`PATCH /v1/leads/{id}`), which rescores it in the edit's
+/// transaction.
+async fn set_company_size(writer: &ApiClient, lead_id: i64, size: &str) {
+    writer
+        .patch(&format!("/v1/leads/{lead_id}"), &json!({ "company_size": size }))
         .await
-        .unwrap_or_else(|e| panic!("{e}"));
-    scoring::rescore_lead(&tx, lead_id, "tests")
-        .await
-        .unwrap_or_else(|e| panic!("{e:#}"));
-    tx.commit().await.unwrap_or_else(|e| panic!("{e}"));
+        .expect(200);
 }
 
 fn pool(app: &TestApp) -> deadpool_postgres::Pool {
@@ -219,9 +215,10 @@ async fn an_attribute_rule_holds_while_its_condition_does_and_is_withdrawn_when_
     app.post_event(&event("lead.captured", lead)).await;
     wait_until_handled(&app).await;
     let (lead_id, ..) = score_of(&app, lead).await.unwrap_or_else(|| panic!("no lead"));
+    let writer = ApiClient::with_scope(&app, Scope::Write).await;
 
     // A rule made after the lead matched: the recompute gives its points.
-    set_company_size(&app, lead_id, "51-200").await;
+    set_company_size(&writer, lead_id, "51-200").await;
     api.post(
         "/v1/scoring/rules",
         &json!({"name": "mid-size", "condition": {"field": "company_size", "op": "in", "value": ["51-200", "201-500"]},
@@ -242,13 +239,13 @@ async fn an_attribute_rule_holds_while_its_condition_does_and_is_withdrawn_when_
     assert_eq!(again["changed"], 0, "a second recompute changes nothing: {again}");
 
     // Still holding after another change that keeps it: no second award.
-    set_company_size(&app, lead_id, "201-500").await;
+    set_company_size(&writer, lead_id, "201-500").await;
     wait_for_score(&app, lead, 8.0).await;
     // The condition stops holding: the points are withdrawn.
-    set_company_size(&app, lead_id, "1-10").await;
+    set_company_size(&writer, lead_id, "1-10").await;
     wait_for_score(&app, lead, 0.0).await;
     // And holds again.
-    set_company_size(&app, lead_id, "51-200").await;
+    set_company_size(&writer, lead_id, "51-200").await;
     wait_for_score(&app, lead, 8.0).await;
 
     // Deleting the rule withdraws its points from the leads holding it.
@@ -266,7 +263,7 @@ async fn an_attribute_rule_holds_while_its_condition_does_and_is_withdrawn_when_
         "{reasons:#?}"
     );
     assert!(
-        reasons[1].contains("mid-size") && reasons[1].contains("holds (by tests)"),
+        reasons[1].contains("mid-size") && reasons[1].contains("holds (by tests-write)"),
         "{reasons:#?}"
     );
     assert!(
