@@ -248,6 +248,36 @@ async fn an_attribute_rule_holds_while_its_condition_does_and_is_withdrawn_when_
     set_company_size(&writer, lead_id, "51-200").await;
     wait_for_score(&app, lead, 8.0).await;
 
+    // Changing the rule adjusts the leads holding it; deactivating it withdraws the points.
+    let mid_size = json!({"field": "company_size", "op": "in", "value": ["51-200", "201-500"]});
+    api.put(
+        "/v1/scoring/rules/mid-size",
+        &json!({"condition": mid_size, "points": 10}),
+    )
+    .await
+    .expect(200);
+    wait_for_score(&app, lead, 10.0).await;
+    api.put(
+        "/v1/scoring/rules/mid-size",
+        &json!({"condition": mid_size, "points": 10, "active": false}),
+    )
+    .await
+    .expect(200);
+    wait_for_score(&app, lead, 0.0).await;
+    api.put(
+        "/v1/scoring/rules/mid-size",
+        &json!({"condition": mid_size, "points": 10}),
+    )
+    .await
+    .expect(200);
+    assert_eq!(
+        score_of(&app, lead).await.map(|s| s.1),
+        Some(0.0),
+        "reactivated: given by the recompute"
+    );
+    api.post_empty("/v1/scoring/recompute").await.expect(200);
+    wait_for_score(&app, lead, 10.0).await;
+
     // Deleting the rule withdraws its points from the leads holding it.
     api.delete("/v1/scoring/rules/mid-size").await.expect(204);
     wait_for_score(&app, lead, 0.0).await;
@@ -257,23 +287,19 @@ async fn an_attribute_rule_holds_while_its_condition_does_and_is_withdrawn_when_
         .iter()
         .map(|r| r["reason"].as_str().unwrap_or_default().to_string())
         .collect();
-    assert_eq!(reasons.len(), 4, "given, withdrawn, given, withdrawn: {reasons:#?}");
-    assert!(
-        reasons[0].contains("withdrawn") && reasons[0].contains("deleted"),
-        "{reasons:#?}"
-    );
-    assert!(
-        reasons[1].contains("mid-size") && reasons[1].contains("holds (by tests-write)"),
-        "{reasons:#?}"
-    );
-    assert!(
-        reasons[2].contains("withdrawn") && reasons[2].contains("no longer holds"),
-        "{reasons:#?}"
-    );
-    assert!(
-        reasons[3].contains("mid-size") && reasons[3].contains("company_size in"),
-        "{reasons:#?}"
-    );
+    assert_eq!(reasons.len(), 7, "{reasons:#?}");
+    let expected: [&[&str]; 7] = [
+        &["withdrawn", "deleted"],
+        &["(+10)", "holds (by tests-admin)"],
+        &["withdrawn", "deactivated"],
+        &["changed from +8 to +10 points"],
+        &["mid-size", "holds (by tests-write)"],
+        &["withdrawn", "no longer holds"],
+        &["mid-size", "company_size in"],
+    ];
+    for (reason, words) in reasons.iter().zip(expected) {
+        assert!(words.iter().all(|w| reason.contains(w)), "{words:?} in {reasons:#?}");
+    }
 }
 
 #[tokio::test]

@@ -501,6 +501,21 @@ pub async fn delete_rule(client: &impl GenericClient, name: &str) -> anyhow::Res
     Ok(Some(holders))
 }
 
+/// The leads holding the points of the rule named `name` (rescore them after the rule changed).
+pub async fn holders(client: &impl GenericClient, name: &str) -> anyhow::Result<Vec<i64>> {
+    client
+        .query(
+            "SELECT s.lead_id FROM lead_rule_state s JOIN scoring_rules r ON r.id = s.rule_id
+              WHERE r.name = $1 ORDER BY s.lead_id",
+            &[&name],
+        )
+        .await
+        .context("failed to find the leads holding a rule")?
+        .iter()
+        .map(|r| r.try_get(0).map_err(Into::into))
+        .collect()
+}
+
 /// The temperature of `score` under `scoring`.
 pub fn temperature(score: f64, scoring: &Scoring) -> &'static str {
     if score >= scoring.hot {

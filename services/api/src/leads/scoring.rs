@@ -130,9 +130,10 @@ async fn create_rule(_: Administrator, State(state): State<ApiState>, body: Byte
     Ok((StatusCode::CREATED, Json(rule_json(&client, &spec.name).await?)).into_response())
 }
 
-/// `PUT /v1/scoring/rules/{name}`: creates (201) or replaces (200) the rule.
+/// `PUT /v1/scoring/rules/{name}`: creates (201) or replaces (200) the rule. The leads holding a changed
+/// attribute rule's points are rescored at once (new points, or withdrawn when deactivated or no longer met).
 async fn put_rule(
-    _: Administrator,
+    Administrator(key): Administrator,
     State(state): State<ApiState>,
     PathParams(name): PathParams<String>,
     body: Bytes,
@@ -140,6 +141,16 @@ async fn put_rule(
     let spec = rule_spec(&body, Some(&name))?;
     let client = problem::client(&state).await?;
     let saved = check_and_save(&client, &spec).await?;
+    if saved == Saved::Updated {
+        let holders = scoring::holders(&client, &spec.name)
+            .await
+            .map_err(|e| problem::internal("failed to find the leads holding a rule", e))?;
+        if !holders.is_empty() {
+            scoring::rescore_leads(&state.pool, &holders, &key.name)
+                .await
+                .map_err(|e| problem::internal("failed to rescore the leads holding a rule", e))?;
+        }
+    }
     let status = if saved == Saved::Created {
         StatusCode::CREATED
     } else {
