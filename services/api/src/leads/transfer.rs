@@ -228,14 +228,10 @@ async fn create(
         Some(name) => Some(static_list(&tx, name).await?),
         None => None,
     };
-    let row = tx
+    let id: i64 = tx
         .query_one(
-            &format!(
-                "WITH j AS (
-                     INSERT INTO import_jobs (format, file_name, source, list_id, mapping, actor, content)
-                     VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING *)
-                 SELECT {JOB}"
-            ),
+            "INSERT INTO import_jobs (format, file_name, source, list_id, mapping, actor, content)
+             VALUES ($1, $2, $3, $4, $5, $6, $7) RETURNING id",
             &[
                 &format.as_str(),
                 &file_name,
@@ -247,7 +243,12 @@ async fn create(
             ],
         )
         .await
-        .map_err(db_error("failed to queue the import"))?;
+        .map_err(db_error("failed to queue the import"))?
+        .get(0);
+    let row = tx
+        .query_one(&format!("SELECT {JOB} WHERE j.id = $1"), &[&id])
+        .await
+        .map_err(db_error("failed to read the queued import"))?;
     tx.commit().await.map_err(db_error("failed to queue the import"))?;
     let job: Value = row.get("job");
     tracing::info!(job.id = %job["id"], bytes = body.len(), format = format.as_str(), "import queued");

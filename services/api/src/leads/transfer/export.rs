@@ -26,7 +26,7 @@ use leadflow_shared::lead_filter::Param;
 /// The size a CSV body chunk grows to before it is sent.
 const CHUNK_BYTES: usize = 64 * 1024;
 /// Rows handed to the XLSX writer at a time.
-const XLSX_BATCH: usize = 1000;
+const XLSX_BATCH: usize = 200;
 /// The most rows a worksheet holds (Excel's limit, header included); more go on another sheet.
 const SHEET_ROWS: u32 = 1_048_576;
 
@@ -120,7 +120,7 @@ fn failed(e: tokio_postgres::Error) -> io::Error {
 /// The XLSX body: the workbook written to a temporary file in constant memory, then streamed from it.
 pub async fn xlsx(client: Object, columns: Vec<String>, selection: Selection) -> anyhow::Result<(Body, u64)> {
     let file = tempfile::NamedTempFile::new().context("failed to create a temporary file for the workbook")?;
-    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<Vec<Cell>>>(4);
+    let (sender, receiver) = tokio::sync::mpsc::channel::<Vec<Vec<Cell>>>(2);
     let header = columns.clone();
     // The writer owns the file: if the client goes away mid-export, the file is removed when the writer ends.
     let writer = tokio::task::spawn_blocking(move || write_workbook(file, &header, receiver));
