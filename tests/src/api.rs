@@ -24,6 +24,31 @@ pub struct Answer {
 }
 
 impl Answer {
+    /// Reads a whole response.
+    pub async fn read(response: reqwest::Response) -> Self {
+        let headers = response.headers().clone();
+        let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
+        let (status, content_type) = (response.status(), header(CONTENT_TYPE).unwrap_or_default());
+        let (location, challenge) = (header(LOCATION), header(WWW_AUTHENTICATE));
+        let url = response.url().to_string();
+        let bytes = response
+            .bytes()
+            .await
+            .unwrap_or_else(|e| panic!("{url}: failed to read the body: {e}"))
+            .to_vec();
+        let body =
+            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
+        Self {
+            status,
+            content_type,
+            location,
+            challenge,
+            headers,
+            body,
+            bytes,
+        }
+    }
+
     /// Insists on `status`, showing the body when it is something else; returns the body.
     pub fn expect(self, status: u16) -> Value {
         assert_eq!(self.status.as_u16(), status, "unexpected answer: {self:#?}");
@@ -78,7 +103,12 @@ impl ApiClient {
 
     /// A client with a fresh key of `scope`, named `tests-<scope>`.
     pub async fn with_scope(app: &TestApp, scope: Scope) -> Self {
-        let created = keys::create(&app.db().await, &format!("tests-{scope}"), &[scope])
+        Self::named(app, &format!("tests-{scope}"), scope).await
+    }
+
+    /// A client with a fresh key of `scope` named `name` (changes are recorded as made by it).
+    pub async fn named(app: &TestApp, name: &str, scope: Scope) -> Self {
+        let created = keys::create(&app.db().await, name, &[scope])
             .await
             .unwrap_or_else(|e| panic!("failed to create a {scope} key: {e:#}"));
         Self::new(app, Some(created.key.expose_secret().to_string()))
@@ -105,26 +135,7 @@ impl ApiClient {
             .send()
             .await
             .unwrap_or_else(|e| panic!("{method} {path} failed: {e}"));
-        let headers = response.headers().clone();
-        let header = |name| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string);
-        let (status, content_type) = (response.status(), header(CONTENT_TYPE).unwrap_or_default());
-        let (location, challenge) = (header(LOCATION), header(WWW_AUTHENTICATE));
-        let bytes = response
-            .bytes()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path}: failed to read the body: {e}"))
-            .to_vec();
-        let body =
-            serde_json::from_slice(&bytes).unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into()));
-        Answer {
-            status,
-            content_type,
-            location,
-            challenge,
-            headers,
-            body,
-            bytes,
-        }
+        Answer::read(response).await
     }
 
     fn json(body: &Value) -> (Option<&'static str>, Option<Vec<u8>>) {
@@ -156,6 +167,12 @@ impl ApiClient {
 
     pub async fn delete(&self, path: &str) -> Answer {
         self.send(Method::DELETE, path, None, None).await
+    }
+
+    /// A DELETE with a JSON body (a reason, say).
+    pub async fn delete_with(&self, path: &str, body: &Value) -> Answer {
+        let (content_type, body) = Self::json(body);
+        self.send(Method::DELETE, path, content_type, body).await
     }
 
     /// Posts raw bytes of `content_type` (a CSV or XLSX file).

@@ -2,120 +2,13 @@
 //! errors name the field, templates are stored and previewed, stats and settings are served, and every request
 //! is checked against an API key and its scope.
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE, LOCATION, WWW_AUTHENTICATE};
-use reqwest::{Method, StatusCode};
+use reqwest::header::AUTHORIZATION;
+use reqwest::Method;
 use serde_json::{json, Value};
 
-use leadflow::api::keys::{self, ExposeSecret as _, Scope};
+use leadflow::api::keys::{self, Scope};
 use leadflow::Component;
-use leadflow_tests::{event, wait_until, TestApp, DEADLINE};
-
-/// One answer of the admin API.
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    location: Option<String>,
-    challenge: Option<String>,
-    body: Value,
-}
-
-impl Answer {
-    /// Insists on `status`, showing the body when it is something else.
-    fn expect(self, status: u16) -> Value {
-        assert_eq!(self.status.as_u16(), status, "unexpected answer: {self:#?}");
-        self.body
-    }
-
-    /// Insists on a problem+json answer with `status` naming `field`; returns the problem.
-    fn problem(self, status: u16, field: &str) -> Value {
-        assert_eq!(self.status.as_u16(), status, "unexpected answer: {self:#?}");
-        assert_eq!(self.content_type, "application/problem+json", "{self:#?}");
-        assert_eq!(
-            self.body["field"].as_str(),
-            Some(field),
-            "expected the problem to name {field}: {self:#?}"
-        );
-        assert!(
-            !self.body["detail"].as_str().unwrap_or_default().trim().is_empty(),
-            "the problem has no detail: {self:#?}"
-        );
-        self.body
-    }
-}
-
-/// A client of the admin API holding one key (or none).
-struct Admin {
-    http: reqwest::Client,
-    base: String,
-    key: Option<String>,
-}
-
-impl Admin {
-    fn new(app: &TestApp, key: Option<String>) -> Self {
-        Self {
-            http: reqwest::Client::new(),
-            base: app.url(""),
-            key,
-        }
-    }
-
-    /// A client with a fresh key of `scope`.
-    async fn with_scope(app: &TestApp, scope: Scope) -> Self {
-        let created = keys::create(&app.db().await, &format!("tests-{scope}"), &[scope])
-            .await
-            .unwrap_or_else(|e| panic!("failed to create a {scope} key: {e:#}"));
-        Self::new(app, Some(created.key.expose_secret().to_string()))
-    }
-
-    async fn send(&self, method: Method, path: &str, body: Option<&Value>) -> Answer {
-        let mut request = self.http.request(method.clone(), format!("{}{path}", self.base));
-        if let Some(key) = &self.key {
-            request = request.header(AUTHORIZATION, format!("Bearer {key}"));
-        }
-        if let Some(body) = body {
-            request = request.header(CONTENT_TYPE, "application/json").body(body.to_string());
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path} failed: {e}"));
-        let header = |name| {
-            response
-                .headers()
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
-        };
-        let (status, content_type) = (response.status(), header(CONTENT_TYPE).unwrap_or_default());
-        let (location, challenge) = (header(LOCATION), header(WWW_AUTHENTICATE));
-        let text = response.text().await.unwrap_or_default();
-        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Answer {
-            status,
-            content_type,
-            location,
-            challenge,
-            body,
-        }
-    }
-
-    async fn get(&self, path: &str) -> Answer {
-        self.send(Method::GET, path, None).await
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Answer {
-        self.send(Method::POST, path, Some(body)).await
-    }
-
-    async fn post_empty(&self, path: &str) -> Answer {
-        self.send(Method::POST, path, None).await
-    }
-
-    async fn put(&self, path: &str, body: &Value) -> Answer {
-        self.send(Method::PUT, path, Some(body)).await
-    }
-}
+use leadflow_tests::{event, wait_until, ApiClient as Admin, TestApp, DEADLINE};
 
 /// A campaign for trial sign-ups: a welcome after a second, a reminder long after (so it is still open).
 fn trial_campaign() -> Value {
@@ -582,7 +475,7 @@ async fn every_request_needs_a_valid_key_with_the_right_scope_and_a_revoked_key_
         .await
         .unwrap_or_else(|e| panic!("failed to list keys: {e:#}"));
     assert_eq!(listed.len(), 3);
-    let reader_key = reader.key.clone().unwrap_or_default();
+    let reader_key = reader.key().unwrap_or_default().to_string();
     let reader_info = listed
         .iter()
         .find(|k| reader_key.starts_with(&k.prefix))
@@ -616,7 +509,7 @@ async fn every_request_needs_a_valid_key_with_the_right_scope_and_a_revoked_key_
         (missing.status.as_u16(), missing.content_type.as_str()),
         (404, "application/problem+json")
     );
-    let wrong_method = admin.send(Method::DELETE, "/v1/admin/campaigns", None).await;
+    let wrong_method = admin.send(Method::DELETE, "/v1/admin/campaigns", None, None).await;
     assert_eq!(wrong_method.status, 405, "{wrong_method:#?}");
     assert_eq!(wrong_method.content_type, "application/problem+json");
 }

@@ -5,8 +5,8 @@
 use std::path::PathBuf;
 use std::process::Stdio;
 
-use reqwest::header::{AUTHORIZATION, CONTENT_TYPE};
-use reqwest::{Method, StatusCode};
+use reqwest::header::CONTENT_TYPE;
+use reqwest::Method;
 use serde_json::{json, Value};
 
 use leadflow::api::keys::{self, ExposeSecret as _, Scope};
@@ -14,112 +14,10 @@ use leadflow::Component;
 use leadflow_shared::domain::EmailAddress;
 use leadflow_shared::suppression::email_hash;
 use leadflow_shared::tokens::{Keyring, Purpose};
-use leadflow_tests::{event, wait_until, Captured, TestApp, DEADLINE};
+use leadflow_tests::{event, wait_until, Answer, ApiClient as Admin, Captured, TestApp, DEADLINE};
 
 /// The leadflow command, built for the tests.
 const LEADFLOW: &str = env!("CARGO_BIN_EXE_leadflow-under-test");
-
-/// An answer: status, content type and body (JSON when it parses, else the text as a JSON string).
-#[derive(Debug)]
-struct Answer {
-    status: StatusCode,
-    content_type: String,
-    body: Value,
-}
-
-impl Answer {
-    fn expect(self, status: u16) -> Value {
-        assert_eq!(self.status.as_u16(), status, "unexpected answer: {self:#?}");
-        self.body
-    }
-
-    /// Insists on a problem+json answer with `status` naming `field`.
-    fn problem(self, status: u16, field: &str) -> Value {
-        assert_eq!(self.status.as_u16(), status, "unexpected answer: {self:#?}");
-        assert_eq!(self.content_type, "application/problem+json", "{self:#?}");
-        assert_eq!(
-            self.body["field"].as_str(),
-            Some(field),
-            "expected the problem to name {field}: {self:#?}"
-        );
-        self.body
-    }
-
-    fn text(&self) -> &str {
-        self.body.as_str().unwrap_or_default()
-    }
-}
-
-async fn answer(response: reqwest::Response) -> Answer {
-    let status = response.status();
-    let content_type = response
-        .headers()
-        .get(CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or_default()
-        .to_string();
-    let text = response.text().await.unwrap_or_default();
-    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-    Answer {
-        status,
-        content_type,
-        body,
-    }
-}
-
-/// A client of the admin API with a key of one scope.
-struct Admin {
-    http: reqwest::Client,
-    base: String,
-    key: String,
-}
-
-impl Admin {
-    async fn new(app: &TestApp, name: &str, scope: Scope) -> Self {
-        let created = keys::create(&app.db().await, name, &[scope])
-            .await
-            .unwrap_or_else(|e| panic!("failed to create a {scope} key: {e:#}"));
-        Self {
-            http: reqwest::Client::new(),
-            base: app.url(""),
-            key: created.key.expose_secret().to_string(),
-        }
-    }
-
-    async fn send(&self, method: Method, path: &str, content_type: Option<&str>, body: Option<String>) -> Answer {
-        let mut request = self
-            .http
-            .request(method.clone(), format!("{}{path}", self.base))
-            .header(AUTHORIZATION, format!("Bearer {}", self.key));
-        if let (Some(content_type), Some(body)) = (content_type, body) {
-            request = request.header(CONTENT_TYPE, content_type).body(body);
-        }
-        let response = request
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("{method} {path} failed: {e}"));
-        answer(response).await
-    }
-
-    async fn get(&self, path: &str) -> Answer {
-        self.send(Method::GET, path, None, None).await
-    }
-
-    async fn post(&self, path: &str, body: &Value) -> Answer {
-        self.send(Method::POST, path, Some("application/json"), Some(body.to_string()))
-            .await
-    }
-
-    async fn delete(&self, path: &str, body: Option<&Value>) -> Answer {
-        match body {
-            Some(b) => {
-                self.send(Method::DELETE, path, Some("application/json"), Some(b.to_string()))
-                    .await
-            }
-            None => self.send(Method::DELETE, path, None, None).await,
-        }
-    }
-}
 
 /// GET of a public page (no key).
 async fn get_page(app: &TestApp, path: &str) -> Answer {
@@ -128,7 +26,7 @@ async fn get_page(app: &TestApp, path: &str) -> Answer {
         .send()
         .await
         .unwrap_or_else(|e| panic!("GET {path} failed: {e}"));
-    answer(response).await
+    Answer::read(response).await
 }
 
 /// POST of a form to a public page (no key), as a mail client or the page's button does.
@@ -140,7 +38,7 @@ async fn post_form(app: &TestApp, path: &str, form: &str) -> Answer {
         .send()
         .await
         .unwrap_or_else(|e| panic!("POST {path} failed: {e}"));
-    answer(response).await
+    Answer::read(response).await
 }
 
 /// The token of an unsubscribe URL (`.../u/<token>`).
@@ -513,8 +411,8 @@ async fn forged_and_altered_tokens_get_a_404_page_and_change_nothing() {
 #[tokio::test]
 async fn a_suppressed_address_that_is_not_a_lead_is_never_enrolled() {
     let app = TestApp::spawn().await;
-    let writer = Admin::new(&app, "crm-sync", Scope::Write).await;
-    let reader = Admin::new(&app, "dashboard", Scope::Read).await;
+    let writer = Admin::named(&app, "crm-sync", Scope::Write).await;
+    let reader = Admin::named(&app, "dashboard", Scope::Read).await;
     let ghost = "ghost@example.com";
 
     reader
@@ -595,8 +493,8 @@ async fn a_suppressed_address_that_is_not_a_lead_is_never_enrolled() {
 #[tokio::test]
 async fn resubscribing_needs_a_reason_is_logged_and_lets_the_lead_be_enrolled_again() {
     let app = TestApp::builder().variant("long-second-step").spawn().await;
-    let writer = Admin::new(&app, "crm-sync", Scope::Write).await;
-    let admin = Admin::new(&app, "privacy-officer", Scope::Admin).await;
+    let writer = Admin::named(&app, "crm-sync", Scope::Write).await;
+    let admin = Admin::named(&app, "privacy-officer", Scope::Admin).await;
     let lead = "dora@example.com";
 
     // Unsubscribed through the page of her first email.
@@ -613,26 +511,23 @@ async fn resubscribing_needs_a_reason_is_logged_and_lets_the_lead_be_enrolled_ag
     );
 
     let target = format!("/v1/admin/suppressions/{lead}");
-    admin.delete(&target, None).await.problem(400, "reason");
+    admin.delete(&target).await.problem(400, "reason");
     admin
-        .delete(&target, Some(&json!({"reason": "  "})))
+        .delete_with(&target, &json!({"reason": "  "}))
         .await
         .problem(400, "reason");
     writer
-        .delete(&target, Some(&json!({"reason": "she asked"})))
+        .delete_with(&target, &json!({"reason": "she asked"}))
         .await
         .expect(403);
     admin
-        .delete(
-            "/v1/admin/suppressions/nobody@example.com",
-            Some(&json!({"reason": "x"})),
-        )
+        .delete_with("/v1/admin/suppressions/nobody@example.com", &json!({"reason": "x"}))
         .await
         .expect(404);
     let done = admin
-        .delete(
+        .delete_with(
             &target,
-            Some(&json!({"reason": "asked to resubscribe by email on 2024-05-02"})),
+            &json!({"reason": "asked to resubscribe by email on 2024-05-02"}),
         )
         .await
         .expect(200);
@@ -660,7 +555,7 @@ async fn resubscribing_needs_a_reason_is_logged_and_lets_the_lead_be_enrolled_ag
         ]
     );
     admin
-        .delete(&target, Some(&json!({"reason": "again"})))
+        .delete_with(&target, &json!({"reason": "again"}))
         .await
         .expect(404);
 
@@ -674,7 +569,7 @@ async fn resubscribing_needs_a_reason_is_logged_and_lets_the_lead_be_enrolled_ag
 #[tokio::test]
 async fn an_import_reports_bad_lines_by_number_and_applies_the_good_ones() {
     let app = TestApp::spawn_with(&[Component::Api], &[]).await;
-    let writer = Admin::new(&app, "importer", Scope::Write).await;
+    let writer = Admin::named(&app, "importer", Scope::Write).await;
     let csv = "email,reason,note\n\
                a@example.com\n\
                b@example.com,bounced,from the old system\n\
@@ -688,7 +583,7 @@ async fn an_import_reports_bad_lines_by_number_and_applies_the_good_ones() {
             Method::POST,
             "/v1/admin/suppressions/import",
             Some("text/csv"),
-            Some(csv.to_string()),
+            Some(csv.to_string().into_bytes()),
         )
         .await
         .expect(200);
@@ -769,8 +664,8 @@ async fn an_import_reports_bad_lines_by_number_and_applies_the_good_ones() {
 #[tokio::test]
 async fn export_returns_the_lead_data_and_erasure_keeps_only_a_hashed_suppression() {
     let app = TestApp::builder().variant("long-second-step").spawn().await;
-    let admin = Admin::new(&app, "privacy-officer", Scope::Admin).await;
-    let writer = Admin::new(&app, "crm-sync", Scope::Write).await;
+    let admin = Admin::named(&app, "privacy-officer", Scope::Admin).await;
+    let writer = Admin::named(&app, "crm-sync", Scope::Write).await;
     let lead = "erin@example.com";
     app.post_event(&event("checkout.abandoned", lead)).await;
     let first = app.smtp.wait_for_to(lead, 1, DEADLINE).await;
@@ -796,7 +691,7 @@ async fn export_returns_the_lead_data_and_erasure_keeps_only_a_hashed_suppressio
     assert_eq!(deliveries[0]["message"]["subject"], json!(subject));
     assert_eq!(data["suppressions"], json!([]));
 
-    let erased = admin.delete(&format!("/v1/admin/leads/{lead}"), None).await.expect(200);
+    let erased = admin.delete(&format!("/v1/admin/leads/{lead}")).await.expect(200);
     assert_eq!(erased["lead_deleted"], json!(true), "{erased}");
     assert_eq!(erased["events"], json!(1));
     assert_eq!(erased["deliveries"], json!(3));
