@@ -643,19 +643,29 @@ fn print_job(job: &Value) {
 }
 
 async fn print_import_errors(api: &ApiClient, id: i64) -> anyhow::Result<u64> {
-    let errors = api.get(&format!("/v1/imports/{id}/errors")).await?;
-    let items = errors["items"].as_array().or_else(|| errors.as_array());
     let mut count = 0;
-    for e in items.into_iter().flatten() {
-        count += 1;
-        println!(
-            "line {}: {}: {}",
-            text(&e["line"]),
-            text(&e["field"]),
-            text(&e["detail"])
-        );
+    let mut cursor: Option<String> = None;
+    loop {
+        let mut path = format!("/v1/imports/{id}/errors?limit=500");
+        if let Some(c) = &cursor {
+            path.push_str(&format!("&cursor={}", encode(c)));
+        }
+        let errors = api.get(&path).await?;
+        let items = errors["items"].as_array().or_else(|| errors.as_array());
+        for e in items.into_iter().flatten() {
+            count += 1;
+            println!(
+                "line {}: {}: {}",
+                text(&e["line"]),
+                text(&e["field"]),
+                text(&e["detail"])
+            );
+        }
+        cursor = errors["next_cursor"].as_str().map(str::to_string);
+        if cursor.is_none() {
+            return Ok(count);
+        }
     }
-    Ok(count)
 }
 
 async fn import(
