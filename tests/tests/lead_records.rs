@@ -9,7 +9,8 @@ use serde_json::{json, Value};
 
 use leadflow::api::keys::Scope;
 use leadflow::Component;
-use leadflow_tests::{event, wait_until, ApiClient, TestApp, DEADLINE};
+use leadflow_shared::tokens::{Keyring, Purpose};
+use leadflow_tests::{event, wait_until, ApiClient, TestApp, DEADLINE, TEST_TOKEN_KEYS};
 
 /// The leadflow command, built for the tests.
 const LEADFLOW: &str = env!("CARGO_BIN_EXE_leadflow-under-test");
@@ -647,6 +648,59 @@ async fn an_order_completes_the_inquiry_its_follow_up_was_about() {
     );
     let timeline = whole_timeline(&api, id, 50).await;
     assert!(kinds(&timeline).contains(&"order".to_string()), "{timeline:#?}");
+}
+
+#[tokio::test]
+async fn a_bounced_follow_up_shows_as_the_inquirys_email_status_and_on_the_timeline() {
+    let app = TestApp::builder().variant("long-second-step").spawn().await;
+    let api = ApiClient::with_scope(&app, Scope::Read).await;
+    let email = "lou@example.net";
+    app.post_event(&event("checkout.abandoned", email)).await;
+    let message = app.smtp.wait_for_to(email, 1, DEADLINE).await.remove(0);
+    let delivery = message
+        .delivery_id()
+        .unwrap_or_else(|| panic!("no X-Leadflow-Delivery header in {message}"));
+    app.wait_for_deliveries(email, "step 1 is recorded as sent", |rows| {
+        rows.iter().any(|r| r.id == delivery && r.state == "sent")
+    })
+    .await;
+    let id = lead_id_of(&app, email).await;
+
+    // A real MTA's report (shared/tests/dsn), rewritten to be about this follow-up, as tests/bounces.rs does.
+    let ring = Keyring::parse(TEST_TOKEN_KEYS).unwrap_or_else(|e| panic!("test keys: {e}"));
+    let sample = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/tests/dsn/postfix-user-unknown.msg");
+    let report = std::fs::read_to_string(&sample)
+        .unwrap_or_else(|e| panic!("cannot read {}: {e}", sample.display()))
+        .replace(
+            "t1.NDI.AAAAAAAAAAAAAAAAAAAAAA",
+            &ring.sign(Purpose::Bounce, &delivery.to_string()),
+        )
+        .replace(
+            "t1.ZDo0Mg.BBBBBBBBBBBBBBBBBBBBBB",
+            &ring.sign(Purpose::Unsubscribe, &format!("d:{delivery}")),
+        )
+        .replace("ann.lee@example.net", email)
+        .replace("X-Leadflow-Delivery: 42", &format!("X-Leadflow-Delivery: {delivery}"));
+    let answer = reqwest::Client::new()
+        .post(app.url("/v1/bounces"))
+        .header(reqwest::header::CONTENT_TYPE, "message/rfc822")
+        .body(report)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /v1/bounces failed: {e}"));
+    assert_eq!(answer.status().as_u16(), 202);
+
+    wait_until("the inquiry shows the bounce", DEADLINE, || async {
+        lead(&api, id).await["inquiries"][0]["email_status"] == "bounced"
+    })
+    .await;
+    let shown = lead(&api, id).await;
+    assert_eq!(shown["inquiries"][0]["follow_up_status"], json!("stopped"), "{shown:#}");
+    assert!(!shown["lead"]["consent"]["invalid_email"].is_null(), "{shown:#}");
+    let kinds = kinds(&whole_timeline(&api, id, 50).await);
+    for kind in ["email sent", "email bounced", "bounced", "enrollment ended"] {
+        assert!(kinds.contains(&kind.to_string()), "{kind} in {kinds:?}");
+    }
 }
 
 #[tokio::test]
