@@ -643,3 +643,92 @@ async fn a_large_export_is_streamed_with_bounded_memory() {
          (before {after} KiB, after {after_xlsx} KiB)"
     );
 }
+
+/// Runs `leadflow <args>` against the app's API with `key`; returns whether it succeeded and its standard output.
+async fn cli(app: &TestApp, key: &str, args: &[&str]) -> (bool, String) {
+    let output = tokio::process::Command::new(LEADFLOW)
+        .args(args)
+        .env("LEADFLOW_API_URL", app.url(""))
+        .env("LEADFLOW_API_KEY", key)
+        .stdin(Stdio::null())
+        .output()
+        .await
+        .expect("failed to run the leadflow command");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    (output.status.success(), format!("{stdout}{stderr}"))
+}
+
+#[tokio::test]
+async fn the_cli_imports_with_a_mapping_reports_rejected_lines_and_exports_a_workbook() {
+    let app = app().await;
+    let key = ApiClient::with_scope(&app, Scope::Write)
+        .await
+        .key()
+        .expect("a key")
+        .to_string();
+    let dir = std::env::temp_dir().join(format!("leadflow-transfer-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).expect("a temporary directory");
+    let file = dir.join("fair.csv");
+    std::fs::write(
+        &file,
+        "Email,Handy,City\nann@example.com,+49 1,Berlin\nnope,+49 2,Berlin\n",
+    )
+    .expect("the CSV");
+
+    let (ok, output) = cli(
+        &app,
+        &key,
+        &[
+            "leads",
+            "import",
+            file.to_str().expect("a UTF-8 path"),
+            "--source",
+            "fair-2026",
+            "--map",
+            "Handy=phones",
+        ],
+    )
+    .await;
+    assert!(!ok, "a rejected row makes the import command fail: {output}");
+    assert!(output.contains("line 3: email:"), "{output}");
+    assert_eq!(lead(&app, "ann@example.com").await["phones"], json!(["+49 1"]));
+    assert_eq!(lead(&app, "ann@example.com").await["source"], "fair-2026");
+
+    let workbook_file = dir.join("berlin.xlsx");
+    let out = workbook_file.to_str().expect("a UTF-8 path");
+    let (ok, output) = cli(
+        &app,
+        &key,
+        &[
+            "leads",
+            "export",
+            "--where",
+            "city=Berlin",
+            "--format",
+            "xlsx",
+            "-o",
+            out,
+        ],
+    )
+    .await;
+    assert!(ok, "{output}");
+    let mut workbook: Xlsx<_> = calamine::open_workbook(&workbook_file).expect("an XLSX workbook");
+    let range = workbook
+        .worksheet_range_at(0)
+        .expect("a worksheet")
+        .expect("a readable worksheet");
+    assert_eq!(range.height(), 2, "a header and ann");
+
+    let sample = dir.join("sample.csv");
+    let (ok, output) = cli(
+        &app,
+        &key,
+        &["leads", "sample", "-o", sample.to_str().expect("a UTF-8 path")],
+    )
+    .await;
+    assert!(ok, "{output}");
+    let text = std::fs::read_to_string(&sample).expect("the sample");
+    assert!(text.starts_with("email,first_name,"), "{text}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
