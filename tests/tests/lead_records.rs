@@ -379,6 +379,9 @@ async fn changing_the_email_keeps_the_leads_history_and_a_taken_email_is_refused
     api.put(&format!("/v1/leads/{id}/email"), &json!({"email": "not an address"}))
         .await
         .problem(400, "email");
+    api.post(&format!("/v1/leads/{id}/suspend"), &json!({"reason": "disputed order"}))
+        .await
+        .expect(200);
     let changed = api
         .put(
             &format!("/v1/leads/{id}/email"),
@@ -388,6 +391,11 @@ async fn changing_the_email_keeps_the_leads_history_and_a_taken_email_is_refused
         .expect(200);
     assert_eq!(changed["lead"]["id"], json!(id));
     assert_eq!(changed["lead"]["email"], json!("ed.new@example.com"));
+    assert_eq!(
+        changed["lead"]["consent"]["suspended"]["reason"],
+        json!("disputed order"),
+        "a new address does not clear the suspension: {changed:#}"
+    );
 
     let timeline = whole_timeline(&api, id, 50).await;
     let kinds = kinds(&timeline);
