@@ -746,43 +746,48 @@ async fn became_hot(
     Ok(())
 }
 
-/// The event rules in force and the scoring settings, loaded once per batch of events.
+/// The rules in force and the scoring settings, loaded once per batch of events.
 #[derive(Debug, Clone, Default)]
 pub struct EventScoring {
-    rules: Vec<Rule>,
+    event_rules: Vec<Rule>,
+    attribute_rules: Vec<Rule>,
     scoring: Scoring,
 }
 
 impl EventScoring {
-    /// Loads the active event rules (and, when there are any, the settings).
+    /// Loads the active rules (and, when there are any, the settings): one query when there is no rule.
     pub async fn load(client: &impl GenericClient) -> anyhow::Result<Self> {
         let rows = client
             .query(
-                &format!(
-                    "SELECT {RULE_COLUMNS} FROM scoring_rules WHERE active AND event_type IS NOT NULL ORDER BY id"
-                ),
+                &format!("SELECT {RULE_COLUMNS} FROM scoring_rules WHERE active ORDER BY id"),
                 &[],
             )
             .await
-            .context("failed to read the event rules")?;
+            .context("failed to read the scoring rules")?;
         let rules = rows.iter().map(Rule::from_row).collect::<anyhow::Result<Vec<_>>>()?;
         let scoring = if rules.is_empty() {
             Scoring::default()
         } else {
             settings::scoring(client).await?
         };
-        Ok(Self { rules, scoring })
+        let (attribute_rules, event_rules) = rules.into_iter().partition(Rule::is_attribute_rule);
+        Ok(Self {
+            event_rules,
+            attribute_rules,
+            scoring,
+        })
     }
 
-    /// Gives the points of every event rule matching the event (row id `event_id`), once per (event, rule), in
-    /// the caller's transaction. Nothing is read when no event rule exists.
+    /// Gives the points of every event rule matching the event (row id `event_id`), once per (event, rule), and
+    /// re-evaluates the attribute rules (the event may have brought profile values: country, language, ...), in
+    /// the caller's transaction. Nothing is read when there is no rule.
     pub async fn apply_event(
         &self,
         tx: &impl GenericClient,
         event_id: i64,
         now: DateTime<Utc>,
     ) -> anyhow::Result<Applied> {
-        if self.rules.is_empty() {
+        if self.event_rules.is_empty() && self.attribute_rules.is_empty() {
             return Ok(Applied::default());
         }
         let Some(row) = tx
@@ -795,10 +800,11 @@ impl EventScoring {
         let event_type: String = row.try_get(0)?;
         let lead_id: i64 = row.try_get(1)?;
         let source_id: String = row.try_get(2)?;
-        let matching: Vec<&Rule> = self.rules.iter().filter(|r| r.matches_event(&event_type)).collect();
-        if matching.is_empty() {
-            return Ok(Applied::default());
-        }
+        let matching: Vec<&Rule> = self
+            .event_rules
+            .iter()
+            .filter(|r| r.matches_event(&event_type))
+            .collect();
         let lead = if matching.iter().any(|r| r.condition.is_some()) {
             lead_json(tx, lead_id).await?
         } else {
@@ -814,10 +820,15 @@ impl EventScoring {
                 event_id: Some(event_id),
             })
             .collect();
-        if changes.is_empty() {
-            return Ok(Applied::default());
+        let mut applied = Applied::default();
+        if !changes.is_empty() {
+            applied = apply(tx, lead_id, &changes, now, &self.scoring).await?;
         }
-        apply(tx, lead_id, &changes, now, &self.scoring).await
+        if !self.attribute_rules.is_empty() {
+            let actor = format!("{event_type} event");
+            rescore_with(tx, lead_id, &self.attribute_rules, &self.scoring, &actor, now).await?;
+        }
+        Ok(applied)
     }
 }
 
