@@ -306,7 +306,8 @@ pub async fn create(Writer(key): Writer, State(state): State<ApiState>, body: By
     if !existed {
         // The origin is written once, now: what the request gave, else the lead's source, else the API itself.
         tx.execute(
-            "UPDATE leads l SET source = coalesce(l.source, 'api'),
+            "UPDATE leads l SET source = coalesce(l.source,
+                        (SELECT name FROM lead_sources WHERE name = l.original_source), 'api'),
                     original_source = coalesce(l.original_source, l.source, 'api'),
                     original_source_category = coalesce(l.original_source_category,
                         (SELECT category FROM lead_sources WHERE name = coalesce(l.original_source, l.source, 'api')))
