@@ -621,6 +621,28 @@ async fn a_large_export_is_streamed_with_bounded_memory() {
     let after = peak_kib(pid);
     let (xlsx_bytes, _) = download(&http, &format!("{base}/v1/leads/export?format=xlsx&tag=bulk"), &key).await;
     let after_xlsx = peak_kib(pid);
+
+    // A client that goes away after the first chunk: the export's query ends, and exports go on working.
+    let mut abandoned = http
+        .get(format!("{base}/v1/leads/export?tag=bulk"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("the export request");
+    assert!(abandoned.chunk().await.expect("a first chunk").is_some());
+    drop(abandoned);
+    wait_until("the abandoned export's query has ended", DEADLINE, || async {
+        app.count(
+            "SELECT count(*) FROM pg_stat_activity
+              WHERE datname = current_database() AND state = 'active'
+                AND query LIKE 'SELECT to_jsonb(l) FROM leads l WHERE%'",
+        )
+        .await
+            == 0
+    })
+    .await;
+    let (_, one) = download(&http, &format!("{base}/v1/leads/export?email=bulk2@example.com"), &key).await;
+    assert_eq!(one, 2, "a header and bulk2");
     let _ = child.kill().await;
 
     assert_eq!(lines, LEADS as u64 + 1, "a header and every lead");

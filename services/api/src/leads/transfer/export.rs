@@ -64,10 +64,48 @@ pub fn csv_line(cells: impl IntoIterator<Item = String>, out: &mut Vec<u8>) {
     out.extend_from_slice(b"\r\n");
 }
 
-/// What the CSV body stream holds between chunks: the connection the rows come over (returned to the pool when
-/// the stream ends or the client goes away) and the rows still to read.
+/// The connection an export reads over. Dropped before the last row was read (the client went away), it cancels
+/// the query and leaves the pool: it is closed once the server has stopped sending, and no other request can get
+/// it in the meantime (nor have its own query hit by the late cancellation).
+struct Reading {
+    client: Option<Object>,
+    finished: bool,
+}
+
+impl Reading {
+    fn new(client: Object) -> Self {
+        Self {
+            client: Some(client),
+            finished: false,
+        }
+    }
+
+    fn client(&self) -> &Object {
+        self.client.as_ref().expect("the client is only taken on drop")
+    }
+}
+
+impl Drop for Reading {
+    fn drop(&mut self) {
+        let Some(client) = self.client.take().filter(|_| !self.finished) else {
+            return;
+        };
+        let token = client.cancel_token();
+        let detached = Object::take(client);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move {
+                if let Err(e) = token.cancel_query(tokio_postgres::NoTls).await {
+                    tracing::warn!(error = %e, "failed to cancel an abandoned export's query");
+                }
+                drop(detached);
+            });
+        }
+    }
+}
+
+/// What the CSV body stream holds between chunks: the connection the rows come over and the rows still to read.
 struct CsvState {
-    _client: Object,
+    reading: Reading,
     rows: Pin<Box<RowStream>>,
     columns: Vec<String>,
     header: bool,
@@ -75,11 +113,12 @@ struct CsvState {
 
 /// The CSV body: a header line, then a line per lead.
 pub async fn csv(client: Object, columns: Vec<String>, selection: Selection) -> anyhow::Result<Body> {
-    let rows = rows(&client, &selection)
+    let reading = Reading::new(client);
+    let rows = rows(reading.client(), &selection)
         .await
         .context("failed to select the leads to export")?;
     let state = CsvState {
-        _client: client,
+        reading,
         rows: Box::pin(rows),
         columns,
         header: true,
@@ -101,8 +140,10 @@ pub async fn csv(client: Object, columns: Vec<String>, selection: Selection) -> 
                     csv_line(columns::cells(&lead, &state.columns).iter().map(Cell::text), &mut chunk);
                 }
                 Some(Err(e)) => return Some((Err(failed(e)), None)),
-                None if chunk.is_empty() => return None,
-                None => return Some((Ok(Bytes::from(chunk)), None)),
+                None => {
+                    state.reading.finished = true;
+                    return (!chunk.is_empty()).then(|| (Ok(Bytes::from(chunk)), None));
+                }
             }
         }
         Some((Ok(Bytes::from(chunk)), Some(state)))
@@ -124,11 +165,13 @@ pub async fn xlsx(client: Object, columns: Vec<String>, selection: Selection) ->
     let header = columns.clone();
     // The writer owns the file: if the client goes away mid-export, the file is removed when the writer ends.
     let writer = tokio::task::spawn_blocking(move || write_workbook(file, &header, receiver));
-    let pumped = pump(&client, &columns, &selection, sender).await;
+    let mut reading = Reading::new(client);
+    let pumped = pump(reading.client(), &columns, &selection, sender).await;
+    reading.finished = matches!(pumped, Ok(true));
+    drop(reading);
     let written = writer.await.context("the workbook writer panicked")?;
     pumped?;
     let file = written.context("failed to write the workbook")?;
-    drop(client);
     // The open handle keeps the content readable once the temporary file's name is removed.
     let handle = file.reopen().context("failed to reopen the written workbook")?;
     drop(file);
@@ -137,13 +180,14 @@ pub async fn xlsx(client: Object, columns: Vec<String>, selection: Selection) ->
     Ok((Body::from_stream(stream), size))
 }
 
-/// Reads the leads and hands them to the workbook writer in batches (waiting while it is behind).
+/// Reads the leads and hands them to the workbook writer in batches (waiting while it is behind); `true` once
+/// every row was read.
 async fn pump(
     client: &Object,
     columns: &[String],
     selection: &Selection,
     sender: tokio::sync::mpsc::Sender<Vec<Vec<Cell>>>,
-) -> anyhow::Result<()> {
+) -> anyhow::Result<bool> {
     let mut rows = Box::pin(
         rows(client, selection)
             .await
@@ -156,13 +200,13 @@ async fn pump(
         batch.push(columns::cells(&lead, columns));
         if batch.len() == XLSX_BATCH && sender.send(std::mem::take(&mut batch)).await.is_err() {
             // The writer stopped (its error is reported by the caller).
-            return Ok(());
+            return Ok(false);
         }
     }
     if !batch.is_empty() {
         let _ = sender.send(batch).await;
     }
-    Ok(())
+    Ok(true)
 }
 
 /// Writes the header and every batch received into a workbook in `file` (sheets "Leads", "Leads 2", ...).
