@@ -4,7 +4,8 @@ use std::future::Future;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
-use futures_util::StreamExt;
+use futures_util::stream::FuturesUnordered;
+use futures_util::{FutureExt as _, StreamExt};
 use lapin::message::Delivery;
 use lapin::options::{
     BasicAckOptions, BasicCancelOptions, BasicConsumeOptions, BasicNackOptions, BasicPublishOptions, BasicQosOptions,
@@ -186,6 +187,25 @@ pub async fn consume<F, Fut>(
     queue: WorkQueue,
     prefetch: u16,
     shutdown: CancellationToken,
+    handle: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Delivery) -> Fut,
+    Fut: Future<Output = (Delivery, Outcome)>,
+{
+    consume_concurrently(connection, publisher, queue, prefetch, 1, shutdown, handle).await
+}
+
+/// Consumes `queue` until `shutdown`, handling up to `parallel` deliveries at once (the handlers must not depend
+/// on each other's order); each delivery is acked only after its `handle` returned. On shutdown no new delivery
+/// is taken and the ones being handled are finished and settled first.
+pub async fn consume_concurrently<F, Fut>(
+    connection: &Connection,
+    publisher: &Publisher,
+    queue: WorkQueue,
+    prefetch: u16,
+    parallel: usize,
+    shutdown: CancellationToken,
     mut handle: F,
 ) -> anyhow::Result<()>
 where
@@ -209,45 +229,38 @@ where
         )
         .await
         .with_context(|| format!("failed to consume {name}"))?;
-    tracing::info!(queue = %name, "consuming");
+    tracing::info!(queue = %name, parallel, "consuming");
+    let parallel = parallel.max(1);
+    let mut handling = FuturesUnordered::new();
+    let mut stopping = false;
     loop {
-        let next = tokio::select! {
-            _ = shutdown.cancelled() => break,
-            next = consumer.next() => next,
-        };
-        let delivery = match next {
-            Some(Ok(delivery)) => delivery,
-            Some(Err(e)) => return Err(anyhow::Error::new(e).context(format!("consumer of {name} failed"))),
-            None => anyhow::bail!("the broker cancelled the consumer of {name}"),
-        };
-        let (delivery, outcome) = handle(delivery).await;
-        match outcome {
-            Outcome::Ack => {
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("failed to ack")?;
-            }
-            Outcome::DeadLetter(reason) => {
-                tracing::warn!(queue = %name, reason = %reason, "dead-lettering a message");
-                metrics::counter!("leadflow_dead_lettered_total", "queue" => queue.suffix()).increment(1);
-                publisher.dead_letter(queue, &delivery, &reason).await?;
-                delivery
-                    .ack(BasicAckOptions::default())
-                    .await
-                    .context("failed to ack")?;
-            }
-            Outcome::Retry(error) => {
-                tracing::warn!(queue = %name, error = format!("{error:#}"), "will retry a message");
-                tokio::select! {
-                    _ = shutdown.cancelled() => {}
-                    _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-                }
-                let requeue = BasicNackOptions {
-                    requeue: true,
-                    ..Default::default()
+        if stopping && handling.is_empty() {
+            break;
+        }
+        tokio::select! {
+            _ = shutdown.cancelled(), if !stopping => stopping = true,
+            next = consumer.next(), if !stopping && handling.len() < parallel => {
+                let delivery = match next {
+                    Some(Ok(delivery)) => delivery,
+                    Some(Err(e)) => return Err(anyhow::Error::new(e).context(format!("consumer of {name} failed"))),
+                    None => anyhow::bail!("the broker cancelled the consumer of {name}"),
                 };
-                delivery.nack(requeue).await.context("failed to nack")?;
+                let handled = handle(delivery);
+                let shutdown = shutdown.clone();
+                handling.push(async move {
+                    let (delivery, outcome) = handled.await;
+                    if matches!(outcome, Outcome::Retry(_)) {
+                        // A pause before the message comes back, so a dependency that is away is not hammered.
+                        tokio::select! {
+                            _ = shutdown.cancelled() => {}
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        }
+                    }
+                    (delivery, outcome)
+                });
+            }
+            Some((delivery, outcome)) = handling.next(), if !handling.is_empty() => {
+                settle(publisher, queue, &name, delivery, outcome).await?;
             }
         }
     }
@@ -256,5 +269,122 @@ where
         .await;
     let _ = channel.close(200, "shutdown".into()).await;
     tracing::info!(queue = %name, "stopped consuming");
+    Ok(())
+}
+
+/// Consumes `queue` until `shutdown`, handing `handle` every delivery that is ready at once (up to `max`, at
+/// least one) and settling each with the outcome returned for it, in order: the deliveries of one call may be
+/// handled in one transaction. Batches are handled one after the other, so the order messages arrive in is
+/// kept. When every delivery of a batch is acked, one `multiple` ack settles them all.
+pub async fn consume_batches<F, Fut>(
+    connection: &Connection,
+    publisher: &Publisher,
+    queue: WorkQueue,
+    prefetch: u16,
+    max: usize,
+    shutdown: CancellationToken,
+    mut handle: F,
+) -> anyhow::Result<()>
+where
+    F: FnMut(Vec<Delivery>) -> Fut,
+    Fut: Future<Output = Vec<(Delivery, Outcome)>>,
+{
+    let name = publisher.topology().queue(queue);
+    let channel = connection.create_channel().await.context("failed to open a channel")?;
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("failed to set prefetch")?;
+    let tag = format!("{}-{}", queue.suffix(), uuid::Uuid::new_v4());
+    let mut consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("failed to consume {name}"))?;
+    tracing::info!(queue = %name, max, "consuming in batches");
+    let delivered = |next: Option<Result<Delivery, lapin::Error>>| -> anyhow::Result<Delivery> {
+        match next {
+            Some(Ok(delivery)) => Ok(delivery),
+            Some(Err(e)) => Err(anyhow::Error::new(e).context(format!("consumer of {name} failed"))),
+            None => anyhow::bail!("the broker cancelled the consumer of {name}"),
+        }
+    };
+    loop {
+        let next = tokio::select! {
+            _ = shutdown.cancelled() => break,
+            next = consumer.next() => next,
+        };
+        let mut batch = vec![delivered(next)?];
+        while batch.len() < max.max(1) {
+            match consumer.next().now_or_never() {
+                Some(next) => batch.push(delivered(next)?),
+                None => break,
+            }
+        }
+        let handled = handle(batch).await;
+        if handled.iter().all(|(_, outcome)| matches!(outcome, Outcome::Ack)) {
+            // Every earlier delivery of this channel is settled: one ack with `multiple` settles the batch.
+            if let Some((last, _)) = handled.iter().max_by_key(|(d, _)| d.delivery_tag) {
+                last.ack(BasicAckOptions { multiple: true })
+                    .await
+                    .context("failed to ack")?;
+            }
+            continue;
+        }
+        if handled.iter().any(|(_, outcome)| matches!(outcome, Outcome::Retry(_))) {
+            tokio::select! {
+                _ = shutdown.cancelled() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+        for (delivery, outcome) in handled {
+            settle(publisher, queue, &name, delivery, outcome).await?;
+        }
+    }
+    let _ = channel
+        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .await;
+    let _ = channel.close(200, "shutdown".into()).await;
+    tracing::info!(queue = %name, "stopped consuming");
+    Ok(())
+}
+
+/// Acks, dead-letters or puts back one handled delivery.
+async fn settle(
+    publisher: &Publisher,
+    queue: WorkQueue,
+    name: &str,
+    delivery: Delivery,
+    outcome: Outcome,
+) -> anyhow::Result<()> {
+    match outcome {
+        Outcome::Ack => {
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("failed to ack")?;
+        }
+        Outcome::DeadLetter(reason) => {
+            tracing::warn!(queue = %name, reason = %reason, "dead-lettering a message");
+            metrics::counter!("leadflow_dead_lettered_total", "queue" => queue.suffix()).increment(1);
+            publisher.dead_letter(queue, &delivery, &reason).await?;
+            delivery
+                .ack(BasicAckOptions::default())
+                .await
+                .context("failed to ack")?;
+        }
+        Outcome::Retry(error) => {
+            tracing::warn!(queue = %name, error = format!("{error:#}"), "will retry a message");
+            let requeue = BasicNackOptions {
+                requeue: true,
+                ..Default::default()
+            };
+            delivery.nack(requeue).await.context("failed to nack")?;
+        }
+    }
     Ok(())
 }

@@ -1,4 +1,9 @@
 //! The AMQP entry point: events upstream systems publish to the `<ns>.events` topic exchange.
+//!
+//! Every message ready at once is taken together: the events of all of them are stored in one transaction and
+//! handed to the scheduler in one message, then the messages are acked (one commit and one confirm for many
+//! messages, not one each). A message that is not a valid event goes to the dead-letter queue on its own. When
+//! the shared transaction fails, each message is stored alone, so only one that fails by itself is put back.
 
 use lapin::message::Delivery;
 use serde_json::Value;
@@ -8,36 +13,82 @@ use leadflow_shared::amqp::{self, Outcome};
 use leadflow_shared::service::Context;
 use leadflow_shared::topology::WorkQueue;
 
-use crate::events::parse_event;
+use crate::events::{parse_event, LeadEvent};
 use crate::http::store_and_hand_off;
 use crate::metrics;
 
+/// The most messages stored in one transaction.
+const MESSAGES_PER_BATCH: usize = 256;
+
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
-    amqp::consume(
+    amqp::consume_batches(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::IngestEvents,
         ctx.config.amqp.prefetch,
+        MESSAGES_PER_BATCH,
         shutdown,
-        move |delivery| {
+        move |deliveries| {
             let ctx = handler_ctx.clone();
-            async move {
-                let outcome = handle(&ctx, &delivery).await;
-                (delivery, outcome)
-            }
+            async move { handle_all(&ctx, deliveries).await }
         },
     )
     .await
 }
 
-/// Stores one published event (or a JSON array of events); acked only after the commit.
-pub async fn handle(ctx: &Context, delivery: &Delivery) -> Outcome {
+/// Stores the events of every delivery (acked only after the commit) and returns each with its outcome.
+async fn handle_all(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outcome)> {
+    let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(deliveries.len());
+    let mut parsed: Vec<(usize, Vec<LeadEvent>)> = Vec::new();
+    for (i, delivery) in deliveries.iter().enumerate() {
+        match parse(delivery) {
+            Ok(events) => {
+                outcomes.push(None);
+                parsed.push((i, events));
+            }
+            Err(reason) => outcomes.push(Some(Outcome::DeadLetter(reason))),
+        }
+    }
+    let all: Vec<LeadEvent> = parsed.iter().flat_map(|(_, events)| events.iter().cloned()).collect();
+    match store_and_hand_off(ctx, &all, "amqp").await {
+        Ok(_) => {
+            for (i, _) in &parsed {
+                outcomes[*i] = Some(Outcome::Ack);
+            }
+        }
+        Err(e) if parsed.len() == 1 => outcomes[parsed[0].0] = Some(Outcome::Retry(e)),
+        Err(e) => {
+            tracing::warn!(
+                error = format!("{e:#}"),
+                messages = parsed.len(),
+                "storing a batch of events failed; storing its messages one by one"
+            );
+            for (i, events) in &parsed {
+                outcomes[*i] = Some(match store_and_hand_off(ctx, events, "amqp").await {
+                    Ok(_) => Outcome::Ack,
+                    Err(e) => Outcome::Retry(e),
+                });
+            }
+        }
+    }
+    deliveries
+        .into_iter()
+        .zip(outcomes)
+        .map(|(delivery, outcome)| {
+            let outcome = outcome.unwrap_or_else(|| Outcome::Retry(anyhow::anyhow!("the message was not handled")));
+            (delivery, outcome)
+        })
+        .collect()
+}
+
+/// The events of one message (one event, or a JSON array of events), or why the message is refused.
+fn parse(delivery: &Delivery) -> Result<Vec<LeadEvent>, String> {
     let value: Value = match serde_json::from_slice(&delivery.data) {
         Ok(v) => v,
         Err(e) => {
             metrics::rejected("amqp", "body");
-            return Outcome::DeadLetter(format!("the body is not valid JSON: {e}"));
+            return Err(format!("the body is not valid JSON: {e}"));
         }
     };
     let items = match value {
@@ -55,12 +106,9 @@ pub async fn handle(ctx: &Context, delivery: &Delivery) -> Outcome {
                 } else {
                     String::new()
                 };
-                return Outcome::DeadLetter(format!("{at}{}: {}", e.field, e.reason));
+                return Err(format!("{at}{}: {}", e.field, e.reason));
             }
         }
     }
-    match store_and_hand_off(ctx, &events, "amqp").await {
-        Ok(_) => Outcome::Ack,
-        Err(e) => Outcome::Retry(e),
-    }
+    Ok(events)
 }

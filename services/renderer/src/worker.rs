@@ -41,13 +41,18 @@ pub struct RenderReport {
     pub reannounced: Vec<i64>,
 }
 
+/// Messages (batches of deliveries) rendered at once: one batch's queries and commit overlap the next one's
+/// rendering.
+const MESSAGES_AT_ONCE: usize = 2;
+
 /// Consumes the renderer queue until `shutdown`.
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    amqp::consume(
+    amqp::consume_concurrently(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::Renderer,
         ctx.config.amqp.prefetch,
+        MESSAGES_AT_ONCE,
         shutdown,
         |delivery| handle(&ctx, delivery),
     )

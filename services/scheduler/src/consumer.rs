@@ -1,7 +1,13 @@
 //! The scheduler's queue: events ingest accepted.
+//!
+//! Every message ready at once is taken together and their events handled in few transactions (about
+//! [`EVENTS_PER_TRANSACTION`] events each, in id order): one commit for many events instead of one per event.
+//! When such a transaction fails, each of its messages is tried alone, so only a message that fails by itself is
+//! put back.
 
 use std::time::Instant;
 
+use lapin::message::Delivery;
 use tokio_util::sync::CancellationToken;
 
 use leadflow_shared::amqp::{self, Outcome};
@@ -11,32 +17,87 @@ use leadflow_shared::topology::WorkQueue;
 
 use crate::{enroll, metrics};
 
+/// The most messages taken together (each carries up to a request's batch of event ids).
+const MESSAGES_PER_BATCH: usize = 64;
+
+/// Events handled in one transaction when several messages are taken together.
+pub const EVENTS_PER_TRANSACTION: usize = 500;
+
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
-    amqp::consume(
+    amqp::consume_batches(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::Scheduler,
         ctx.config.amqp.prefetch,
+        MESSAGES_PER_BATCH,
         shutdown,
-        move |delivery| {
+        move |deliveries| {
             let ctx = handler_ctx.clone();
-            async move {
-                let started = Instant::now();
-                let outcome = match WorkMessage::decode(&delivery.data) {
-                    Ok(WorkMessage::EventAcceptedV1 { event_ids }) => {
-                        match enroll::handle_events(&ctx.pool, &event_ids).await {
-                            Ok(_) => Outcome::Ack,
-                            Err(e) => Outcome::Retry(e),
-                        }
-                    }
-                    Ok(other) => Outcome::DeadLetter(format!("unexpected message type {}", other.kind())),
-                    Err(e) => Outcome::DeadLetter(format!("not a work message: {e}")),
-                };
-                metrics::message_time(started.elapsed());
-                (delivery, outcome)
-            }
+            async move { handle(&ctx, deliveries).await }
         },
     )
     .await
+}
+
+/// Handles the events of `deliveries`, in groups of about [`EVENTS_PER_TRANSACTION`], and returns each delivery
+/// with its outcome, in the order given.
+async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outcome)> {
+    let started = Instant::now();
+    let count = deliveries.len();
+    let mut outcomes: Vec<Option<Outcome>> = (0..count).map(|_| None).collect();
+    // The decodable messages, grouped: (index into `deliveries`, event ids).
+    let mut groups: Vec<Vec<(usize, Vec<i64>)>> = Vec::new();
+    let mut in_group = 0;
+    for (i, delivery) in deliveries.iter().enumerate() {
+        match WorkMessage::decode(&delivery.data) {
+            Ok(WorkMessage::EventAcceptedV1 { event_ids }) => {
+                if groups.is_empty() || in_group + event_ids.len() > EVENTS_PER_TRANSACTION {
+                    groups.push(Vec::new());
+                    in_group = 0;
+                }
+                in_group += event_ids.len();
+                if let Some(group) = groups.last_mut() {
+                    group.push((i, event_ids));
+                }
+            }
+            Ok(other) => outcomes[i] = Some(Outcome::DeadLetter(format!("unexpected message type {}", other.kind()))),
+            Err(e) => outcomes[i] = Some(Outcome::DeadLetter(format!("not a work message: {e}"))),
+        }
+    }
+    for group in groups {
+        let ids: Vec<i64> = group.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
+        match enroll::handle_events(&ctx.pool, &ids).await {
+            Ok(_) => {
+                for (i, _) in &group {
+                    outcomes[*i] = Some(Outcome::Ack);
+                }
+            }
+            Err(e) if group.len() == 1 => outcomes[group[0].0] = Some(Outcome::Retry(e)),
+            Err(e) => {
+                tracing::warn!(
+                    error = format!("{e:#}"),
+                    messages = group.len(),
+                    "a batch of events failed; handling its messages one by one"
+                );
+                for (i, ids) in &group {
+                    outcomes[*i] = Some(match enroll::handle_events(&ctx.pool, ids).await {
+                        Ok(_) => Outcome::Ack,
+                        Err(e) => Outcome::Retry(e),
+                    });
+                }
+            }
+        }
+    }
+    if count > 0 {
+        metrics::message_time(started.elapsed() / count as u32);
+    }
+    deliveries
+        .into_iter()
+        .zip(outcomes)
+        .map(|(delivery, outcome)| {
+            let outcome = outcome.unwrap_or_else(|| Outcome::Retry(anyhow::anyhow!("the message was not handled")));
+            (delivery, outcome)
+        })
+        .collect()
 }

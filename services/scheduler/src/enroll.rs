@@ -22,23 +22,28 @@ pub struct Handled {
     pub skipped: usize,
 }
 
-/// Handles each event in its own transaction; an event already handled is skipped.
+/// Handles the events of one message in one transaction (one commit for the batch, not one per event), in id
+/// order so two schedulers handling overlapping batches lock in the same order; an event already handled is
+/// skipped. A failure rolls the whole batch back: the message is tried again and nothing is half-applied.
 pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Handled> {
     let mut total = Handled::default();
     let mut client = pool.get().await?;
     let scoring = scoring::EventScoring::load(&client).await?;
-    for id in event_ids {
-        let tx = client.transaction().await?;
-        let h = handle_event(&tx, *id).await?;
+    let mut ids = event_ids.to_vec();
+    ids.sort_unstable();
+    ids.dedup();
+    let tx = client.transaction().await?;
+    for id in ids {
+        let h = handle_event(&tx, id).await?;
         if h.skipped == 0 {
-            scoring.apply_event(&tx, *id, chrono::Utc::now()).await?;
+            scoring.apply_event(&tx, id, chrono::Utc::now()).await?;
         }
-        tx.commit().await?;
         total.enrollments += h.enrollments;
         total.cancelled_deliveries += h.cancelled_deliveries;
         total.conversions += h.conversions;
         total.skipped += h.skipped;
     }
+    tx.commit().await?;
     Ok(total)
 }
 

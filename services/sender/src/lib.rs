@@ -6,6 +6,7 @@
 //! the send rates, `worker` consumes the sender queue and records outcomes, `metrics` reports.
 
 pub mod dkim;
+mod group_commit;
 pub mod limits;
 pub mod message;
 pub mod metrics;

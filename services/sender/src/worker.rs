@@ -1,18 +1,25 @@
 //! The sender's consumer: rendered deliveries are claimed, sent and their outcome recorded, exactly once.
 //!
-//! 1. Claim, committed on its own (`rendered` -> `sending`, attempts + 1, `smtp_started_at` cleared), after
-//!    checking the enrollment and the suppression list (global, or for the delivery's campaign). A redelivered
-//!    message finds the row no longer `rendered` and does nothing.
+//! 1. Claim, every delivery of the message in one committed statement (`rendered` -> `sending`, attempts + 1,
+//!    `smtp_started_at` cleared), after checking the enrollment and the suppression list (global, or for the
+//!    delivery's campaign). A redelivered message finds the rows no longer `rendered` and does nothing.
 //! 2. MAIL and RCPT; DATA. A failure up to here handed nothing over: it is retried, bounced or failed by its reply.
 //! 3. Once the server answered DATA with 354, `smtp_started_at = now()` is committed (only while this attempt
 //!    still owns the row), then the data goes out. From here a lost connection or a missing final reply makes
 //!    the delivery `uncertain` at once: counted, never resent.
-//! 4. The final reply is recorded: `sent` (with the Message-ID) after 2xx, otherwise by its class.
+//! 4. The final reply is recorded: `sent` (with the Message-ID and the time of the 250) after 2xx, otherwise by
+//!    its class.
+//!
+//! The start marks of step 3 and the `sent` records of step 4 go through group commits ([`GroupCommit`]): the
+//! deliveries in flight at the same moment share one transaction, each still committed before its data goes out
+//! (the mark) or before the message is acked (the record). A claim, mark or record costs one WAL flush per
+//! batch instead of one per email.
 //!
 //! A sender that dies leaves the row `sending`; the scheduler's lease expiry reclaims it when `smtp_started_at` is
 //! empty (nothing was handed over) and makes it `uncertain` otherwise. Every outcome is written only by the attempt
 //! that claimed the row (`attempts` is the fence), so a reclaimed row is never recorded twice.
 
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -32,6 +39,7 @@ use leadflow_shared::settings;
 use leadflow_shared::suppression::{self, Reason};
 use leadflow_shared::topology::WorkQueue;
 
+use crate::group_commit::GroupCommit;
 use crate::limits::{Admission, Limits};
 use crate::message::{self, RenderedMessage, Sender};
 use crate::metrics::{self, EmailOutcome};
@@ -75,11 +83,22 @@ enum Fate {
     Skipped,
 }
 
+/// Messages (batches of deliveries) sent at once: while one batch waits for its last replies, the next is
+/// already being claimed and sent.
+const MESSAGES_AT_ONCE: usize = 2;
+
+/// The most start marks or `sent` records in one group commit.
+const PER_COMMIT: usize = 500;
+
 /// What the sender sends with: the transport, the rate limits and the From address (with its signing key).
 pub struct Sending {
     pub transport: Transport,
     pub limits: Limits,
     pub sender: Sender,
+    /// Start marks (delivery id, attempt) committed together.
+    marks: GroupCommit<(i64, i32), bool>,
+    /// `sent` records committed together.
+    records: GroupCommit<SentRecord, Option<String>>,
 }
 
 impl Sending {
@@ -89,17 +108,20 @@ impl Sending {
             transport: Transport::from_config(config).await?,
             limits: Limits::from_config(&config.sender),
             sender: Sender::from_config(config)?,
+            marks: GroupCommit::new(PER_COMMIT),
+            records: GroupCommit::new(PER_COMMIT),
         })
     }
 }
 
 /// Consumes the sender queue until `shutdown`.
 pub async fn run(ctx: Context, sending: Arc<Sending>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    amqp::consume(
+    amqp::consume_concurrently(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::Sender,
         ctx.config.amqp.prefetch,
+        MESSAGES_AT_ONCE,
         shutdown,
         |delivery| handle(&ctx, &sending, delivery),
     )
@@ -136,8 +158,9 @@ pub async fn send_batch(ctx: &Context, sending: &Sending, ids: &[i64]) -> anyhow
     if ids.is_empty() {
         return Ok(report);
     }
-    let results: Vec<(i64, anyhow::Result<Fate>)> = stream::iter(ids.iter().copied())
-        .map(|id| async move { (id, send_one(ctx, sending, id).await) })
+    let claims = claim_all(ctx, ids).await?;
+    let results: Vec<(i64, anyhow::Result<Fate>)> = stream::iter(claims)
+        .map(|(id, claim)| async move { (id, send_one(ctx, sending, id, claim).await) })
         .buffer_unordered(ctx.config.sender.concurrency.max(1))
         .collect()
         .await;
@@ -194,13 +217,14 @@ enum Claim {
     NotClaimable,
 }
 
-async fn send_one(ctx: &Context, sending: &Sending, id: i64) -> anyhow::Result<Fate> {
+async fn send_one(ctx: &Context, sending: &Sending, id: i64, claim: Claim) -> anyhow::Result<Fate> {
     let Sending {
         transport,
         limits,
         sender,
+        ..
     } = sending;
-    let claimed = match claim(ctx, id).await? {
+    let claimed = match claim {
         Claim::NotClaimable => {
             metrics::email(EmailOutcome::Skipped);
             return Ok(Fate::Skipped);
@@ -242,15 +266,17 @@ async fn send_one(ctx: &Context, sending: &Sending, id: i64) -> anyhow::Result<F
 
     let started = Instant::now();
     let attempt = transport
-        .send(&built.message, mark_started(ctx, id, claimed.attempts))
+        .send(&built.message, mark_started(ctx, sending, id, claimed.attempts))
         .await
         .with_context(|| format!("failed to mark delivery {id} as started; nothing was sent"))?;
     metrics::send_time(started.elapsed());
 
     match attempt {
-        Attempt::Accepted(_) => record_sent(ctx, &claimed, &built.message_id, &rendered.to_address, &to).await,
+        Attempt::Accepted(_) => record_sent(ctx, sending, &claimed, &built.message_id, &rendered.to_address, &to).await,
         Attempt::Refused(reply) => match reply.class() {
-            ReplyClass::Accepted => record_sent(ctx, &claimed, &built.message_id, &rendered.to_address, &to).await,
+            ReplyClass::Accepted => {
+                record_sent(ctx, sending, &claimed, &built.message_id, &rendered.to_address, &to).await
+            }
             ReplyClass::HardBounce => record_hard_bounce(ctx, &claimed, &reply, &rendered.to_address, &to).await,
             ReplyClass::SoftBounce => {
                 record_transient(
@@ -282,61 +308,70 @@ async fn send_one(ctx: &Context, sending: &Sending, id: i64) -> anyhow::Result<F
     }
 }
 
-/// Commits `smtp_started_at` right before the data goes out; false when this attempt no longer owns the row
-/// (the lease expired and the delivery was reclaimed): then nothing is sent.
-async fn mark_started(ctx: &Context, id: i64, attempts: i32) -> anyhow::Result<bool> {
-    let client = ctx.pool.get().await.context("failed to get a database connection")?;
-    let marked = client
-        .execute(
-            "UPDATE deliveries SET smtp_started_at = now(), updated_at = now()
-              WHERE id = $1 AND attempts = $2 AND state = 'sending' AND smtp_started_at IS NULL",
-            &[&id, &attempts],
-        )
+/// Commits `smtp_started_at` right before the data goes out (with the other marks waiting at that moment); false
+/// when this attempt no longer owns the row (the lease expired and the delivery was reclaimed): then nothing is
+/// sent.
+async fn mark_started(ctx: &Context, sending: &Sending, id: i64, attempts: i32) -> anyhow::Result<bool> {
+    let pool = ctx.pool.clone();
+    sending
+        .marks
+        .submit((id, attempts), move |marks| mark_started_all(pool.clone(), marks))
         .await
-        .with_context(|| format!("failed to mark delivery {id} as started"))?;
-    Ok(marked == 1)
+        .with_context(|| format!("failed to mark delivery {id} as started"))
+}
+
+/// One statement, one commit: marks every (delivery, attempt) still `sending` without a mark; true for each
+/// marked.
+async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>) -> anyhow::Result<Vec<bool>> {
+    let client = pool.get().await.context("failed to get a database connection")?;
+    let (ids, attempts): (Vec<i64>, Vec<i32>) = marks.iter().copied().unzip();
+    let marked: HashSet<i64> = client
+        .query(
+            "UPDATE deliveries d SET smtp_started_at = now(), updated_at = now()
+               FROM unnest($1::bigint[], $2::int[]) AS m(id, attempts)
+              WHERE d.id = m.id AND d.attempts = m.attempts AND d.state = 'sending' AND d.smtp_started_at IS NULL
+             RETURNING d.id",
+            &[&ids, &attempts],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    Ok(ids.iter().map(|id| marked.contains(id)).collect())
+}
+
+/// A 250 to record.
+struct SentRecord {
+    id: i64,
+    attempts: i32,
+    message_id: String,
+    /// When the server's 250 arrived.
+    sent_at: chrono::DateTime<chrono::Utc>,
+    address: String,
 }
 
 async fn record_sent(
     ctx: &Context,
+    sending: &Sending,
     claimed: &Claimed,
     message_id: &str,
     address: &str,
     masked_to: &str,
 ) -> anyhow::Result<Fate> {
     let id = claimed.id;
-    let failed = || format!("failed to record delivery {id} as sent (it stays 'sending', then 'uncertain')");
-    let mut client = ctx.pool.get().await.context("failed to get a database connection")?;
-    let tx = client.transaction().await.with_context(failed)?;
-    let was: Option<String> = tx
-        .query_opt(
-            &format!(
-                "UPDATE deliveries d
-                    SET state = 'sent', message_id = $2, sent_at = now(), reason = NULL, updated_at = now()
-                   FROM (SELECT id, state FROM deliveries WHERE id = $1 FOR UPDATE) old
-                  WHERE d.id = old.id AND d.attempts = $3 AND d.{OWNED}
-                 RETURNING old.state"
-            ),
-            &[&id, &message_id, &claimed.attempts],
-        )
+    let record = SentRecord {
+        id,
+        attempts: claimed.attempts,
+        message_id: message_id.to_string(),
+        sent_at: chrono::Utc::now(),
+        address: address.to_string(),
+    };
+    let pool = ctx.pool.clone();
+    let was = sending
+        .records
+        .submit(record, move |records| record_sent_all(pool.clone(), records))
         .await
-        .with_context(failed)?
-        .map(|row| row.get(0));
-    if was.is_some() {
-        if let Ok(email) = EmailAddress::parse(address) {
-            suppression::clear_soft_bounces(&tx, &email)
-                .await
-                .with_context(failed)?;
-        }
-        notify::enqueue(
-            &tx,
-            notify::About::Delivery(id),
-            notify::Kind::EmailSent,
-            serde_json::Value::Null,
-        )
-        .await?;
-    }
-    tx.commit().await.with_context(failed)?;
+        .with_context(|| format!("failed to record delivery {id} as sent (it stays 'sending', then 'uncertain')"))?;
     match was.as_deref() {
         None => tracing::warn!(delivery.id = id, "sent, but the delivery was no longer this attempt's"),
         Some("uncertain") => tracing::info!(delivery.id = id, "an uncertain delivery was settled: sent"),
@@ -344,6 +379,85 @@ async fn record_sent(
     }
     metrics::sent(id, masked_to, claimed.attempts);
     Ok(Fate::Sent)
+}
+
+/// Records every 250 of `records` in one transaction: `sent` with its Message-ID and time, over rows this
+/// attempt still owns; the address's soft-bounce run is cleared and the campaign hears of it. Returns, for each,
+/// the state it was in (`sending`, or `uncertain` when the lease expired meanwhile), or `None` when the row was
+/// no longer this attempt's.
+async fn record_sent_all(
+    pool: deadpool_postgres::Pool,
+    records: Vec<SentRecord>,
+) -> anyhow::Result<Vec<Option<String>>> {
+    let mut client = pool.get().await.context("failed to get a database connection")?;
+    let tx = client.transaction().await?;
+    let ids: Vec<i64> = records.iter().map(|r| r.id).collect();
+    let attempts: Vec<i32> = records.iter().map(|r| r.attempts).collect();
+    let message_ids: Vec<&str> = records.iter().map(|r| r.message_id.as_str()).collect();
+    let sent_at: Vec<chrono::DateTime<chrono::Utc>> = records.iter().map(|r| r.sent_at).collect();
+    // Locked in id order (two commits never wait on each other in a cycle), read as they were.
+    let was: HashMap<i64, String> = tx
+        .query(
+            "SELECT id, state FROM deliveries WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
+            &[&ids],
+        )
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let updated: HashSet<i64> = tx
+        .query(
+            &format!(
+                "UPDATE deliveries d
+                    SET state = 'sent', message_id = r.message_id, sent_at = r.sent_at, reason = NULL,
+                        updated_at = now()
+                   FROM unnest($1::bigint[], $2::int[], $3::text[], $4::timestamptz[])
+                        AS r(id, attempts, message_id, sent_at)
+                  WHERE d.id = r.id AND d.attempts = r.attempts AND d.{OWNED}
+                 RETURNING d.id"
+            ),
+            &[&ids, &attempts, &message_ids, &sent_at],
+        )
+        .await?
+        .iter()
+        .map(|row| row.get(0))
+        .collect();
+    if !updated.is_empty() {
+        let hashes: Vec<String> = records
+            .iter()
+            .filter(|r| updated.contains(&r.id))
+            .filter_map(|r| EmailAddress::parse(&r.address).ok())
+            .map(|email| suppression::email_hash(&email))
+            .collect();
+        tx.execute("DELETE FROM soft_bounces WHERE email_hash = ANY ($1)", &[&hashes])
+            .await?;
+        let updated_ids: Vec<i64> = updated.iter().copied().collect();
+        // Only campaigns with a notification URL hear of each email: one look for the batch, not one per email.
+        let notified: Vec<i64> = tx
+            .query(
+                "SELECT d.id FROM deliveries d JOIN campaigns c ON c.id = d.campaign_id
+                  WHERE d.id = ANY ($1) AND c.notify_url IS NOT NULL ORDER BY d.id",
+                &[&updated_ids],
+            )
+            .await?
+            .iter()
+            .map(|row| row.get(0))
+            .collect();
+        for id in notified {
+            notify::enqueue(
+                &tx,
+                notify::About::Delivery(id),
+                notify::Kind::EmailSent,
+                serde_json::Value::Null,
+            )
+            .await?;
+        }
+    }
+    tx.commit().await?;
+    Ok(records
+        .iter()
+        .map(|r| updated.contains(&r.id).then(|| was.get(&r.id).cloned()).flatten())
+        .collect())
 }
 
 /// Writes `failed` with `reason` over this attempt's row; true when it did.
@@ -556,16 +670,17 @@ async fn record_deferred(
     Ok(Fate::Deferred)
 }
 
-/// Claims one delivery in a single committed statement: `rendered` -> `sending` (attempts + 1, no SMTP start
-/// mark) when its enrollment is active and the address not suppressed (the lead's mark, or a suppression entry,
-/// global or for the delivery's campaign), `rendered` -> `cancelled` otherwise.
+/// Claims every delivery of `ids` in a single committed statement: `rendered` -> `sending` (attempts + 1, no
+/// SMTP start mark) when its enrollment is active and the address not suppressed (the lead's mark, or a
+/// suppression entry, global or for the delivery's campaign), `rendered` -> `cancelled` otherwise. Returns each
+/// id (once, in the order given) with what became of it.
 ///
-/// The row is locked first without a state filter: the scheduler publishes a retry before it commits the row
-/// back to `rendered`, and `FOR UPDATE` waits for that commit and then reads the row as it is.
-async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
+/// The rows are locked first without a state filter, in id order: the scheduler publishes a retry before it
+/// commits the row back to `rendered`, and `FOR UPDATE` waits for that commit and then reads the row as it is.
+async fn claim_all(ctx: &Context, ids: &[i64]) -> anyhow::Result<Vec<(i64, Claim)>> {
     let client = ctx.pool.get().await.context("failed to get a database connection")?;
-    let row = client
-        .query_opt(
+    let rows = client
+        .query(
             "WITH target AS (
                  SELECT d.id, d.state, d.enrollment_id, e.status AS enrollment_status,
                         e.reason AS enrollment_reason, cp.bcc,
@@ -578,7 +693,8 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
                    JOIN enrollments e ON e.id = d.enrollment_id
                    JOIN leads l ON l.id = d.lead_id
                    JOIN campaigns cp ON cp.id = d.campaign_id
-                  WHERE d.id = $1
+                  WHERE d.id = ANY ($1)
+                  ORDER BY d.id
                     FOR UPDATE OF d
              ),
              claimed AS (
@@ -596,21 +712,33 @@ async fn claim(ctx: &Context, id: i64) -> anyhow::Result<Claim> {
                    FROM target t
                   WHERE d.id = t.id AND t.state = 'rendered'
                     AND (t.enrollment_status <> 'active' OR t.suppressed_reason IS NOT NULL)
-                 RETURNING d.reason
+                 RETURNING d.id, d.reason
              )
-             SELECT c.attempts, x.reason AS cancelled_reason, t.enrollment_id, r.delivery_id,
+             SELECT t.id, c.attempts, x.reason AS cancelled_reason, t.enrollment_id, r.delivery_id,
                     r.to_address, r.to_name, r.subject, r.body_text, r.body_html, t.bcc
                FROM target t
-               LEFT JOIN claimed c ON true
-               LEFT JOIN cancelled x ON true
+               LEFT JOIN claimed c ON c.id = t.id
+               LEFT JOIN cancelled x ON x.id = t.id
                LEFT JOIN rendered_messages r ON r.delivery_id = c.id",
-            &[&id],
+            &[&ids],
         )
         .await
-        .with_context(|| format!("failed to claim delivery {id}"))?;
-    let Some(row) = row else {
-        return Ok(Claim::NotClaimable);
-    };
+        .context("failed to claim deliveries")?;
+    let mut claims: HashMap<i64, Claim> = HashMap::with_capacity(rows.len());
+    for row in rows {
+        let id: i64 = row.try_get("id")?;
+        claims.insert(id, claim_of(id, &row)?);
+    }
+    let mut seen = HashSet::with_capacity(ids.len());
+    Ok(ids
+        .iter()
+        .filter(|id| seen.insert(**id))
+        .map(|id| (*id, claims.remove(id).unwrap_or(Claim::NotClaimable)))
+        .collect())
+}
+
+/// What the claim did to one delivery, from its row of [`claim_all`].
+fn claim_of(id: i64, row: &tokio_postgres::Row) -> anyhow::Result<Claim> {
     if let Some(reason) = row.try_get::<_, Option<String>>("cancelled_reason")? {
         return Ok(Claim::Cancelled(reason));
     }
