@@ -4,7 +4,7 @@
 
 use std::io::Cursor;
 
-use calamine::{Data, DataType as _, Reader as _, Xlsx};
+use calamine::{DataRef, DataType as _, Reader as _, Xlsx};
 
 /// The file formats an import takes and an export writes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,70 +61,156 @@ impl std::fmt::Display for Unreadable {
     }
 }
 
-/// An open sheet: its header row, then its data rows in order.
-pub struct Sheet<'a> {
+/// An open sheet: its header row, how many data rows follow, then those rows in order.
+pub struct Sheet<'w, 'c> {
     pub headers: Vec<String>,
-    rows: Rows<'a>,
+    /// The data rows that are not blank (counted by reading the file once before).
+    pub total: usize,
+    rows: Rows<'w, 'c>,
 }
 
-enum Rows<'a> {
+/// The cells of one XLSX worksheet, read as the file is decompressed (a workbook is never held whole in memory).
+type XlsxCells<'w, 'c> = calamine::XlsxCellReader<'w, Cursor<&'c [u8]>>;
+
+enum Rows<'w, 'c> {
     Csv {
-        content: &'a [u8],
-        delimiter: u8,
-        reader: csv::Reader<&'a [u8]>,
+        content: &'c [u8],
+        reader: csv::Reader<&'c [u8]>,
         /// Line breaks before byte `counted_to` (the csv crate's own line count skips blank lines).
         breaks: u32,
         counted_to: usize,
     },
     Xlsx {
-        range: calamine::Range<Data>,
-        /// The next row of `range` to read.
-        next: usize,
-        /// The line of the range's first row.
-        first_line: u32,
+        cells: XlsxCells<'w, 'c>,
+        /// The first cell of the next row, read ahead.
+        ahead: Option<(u32, u32, String)>,
+        /// Why the rest of the worksheet cannot be read (reported once, at the row it happened in).
+        failed: Option<(u32, String)>,
+        done: bool,
     },
 }
 
-impl<'a> Sheet<'a> {
-    /// Opens `content` and reads its header row (the first row that is not blank).
-    pub fn open(format: Format, content: &'a [u8]) -> Result<Self, Unreadable> {
-        let mut sheet = match format {
-            Format::Csv => {
-                let content = content.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(content);
-                if content.starts_with(b"PK\x03\x04") {
-                    return Err(Unreadable(
-                        "this is an XLSX workbook, not CSV text; import it with format=xlsx".into(),
-                    ));
+/// Opens `content` and hands the sheet (its header row read, its rows counted) to `read`. The sheet borrows the
+/// open workbook, hence the callback.
+pub fn with_sheet<R>(format: Format, content: &[u8], read: impl FnOnce(Result<Sheet<'_, '_>, Unreadable>) -> R) -> R {
+    match format {
+        Format::Csv => read(open_csv(content)),
+        Format::Xlsx => {
+            let opened: Result<Xlsx<_>, _> = calamine::open_workbook_from_rs(Cursor::new(content));
+            let mut workbook = match opened {
+                Ok(workbook) => workbook,
+                Err(e) => return read(Err(Unreadable(format!("not a readable XLSX workbook: {e}")))),
+            };
+            let Some(name) = workbook.sheet_names().first().cloned() else {
+                return read(Err(Unreadable("the workbook has no worksheet".into())));
+            };
+            let unreadable = |e: calamine::XlsxError| Unreadable(format!("the first worksheet cannot be read: {e}"));
+            // A first pass counts the rows; the second reads them.
+            let total = match workbook.worksheet_cells_reader(&name) {
+                Ok(cells) => match Sheet::start(xlsx_rows(cells), 0) {
+                    Ok(mut sheet) => std::iter::from_fn(|| sheet.next_row()).count(),
+                    Err(unreadable) => return read(Err(unreadable)),
+                },
+                Err(e) => return read(Err(unreadable(e))),
+            };
+            let sheet = workbook
+                .worksheet_cells_reader(&name)
+                .map_err(unreadable)
+                .and_then(|cells| Sheet::start(xlsx_rows(cells), total));
+            read(sheet)
+        }
+    }
+}
+
+/// What a sheet read in the background hands over, in this order: `Opened` (or `Unreadable`), `Rows` batches, `End`.
+pub enum Fed {
+    Opened { headers: Vec<String>, total: usize },
+    Rows(Vec<Result<Row, BadRow>>),
+    Unreadable(Unreadable),
+    End,
+}
+
+/// Reads `content` on a blocking thread, skipping the first `skip` data rows, and hands over the header, then the
+/// rows `batch` at a time, through a bounded channel: the reader waits while the importer is behind, and stops
+/// when the receiver is dropped.
+pub fn read_in_background(
+    format: Format,
+    content: Vec<u8>,
+    skip: usize,
+    batch: usize,
+) -> tokio::sync::mpsc::Receiver<Fed> {
+    let (sender, receiver) = tokio::sync::mpsc::channel(2);
+    tokio::task::spawn_blocking(move || {
+        with_sheet(format, &content, |opened| {
+            let mut sheet = match opened {
+                Ok(sheet) => sheet,
+                Err(unreadable) => {
+                    let _ = sender.blocking_send(Fed::Unreadable(unreadable));
+                    return;
                 }
-                let delimiter = sniff_delimiter(content);
-                Sheet {
-                    headers: Vec::new(),
-                    rows: Rows::Csv {
-                        content,
-                        delimiter,
-                        reader: csv_reader(content, delimiter),
-                        breaks: 0,
-                        counted_to: 0,
-                    },
+            };
+            let opened = Fed::Opened {
+                headers: sheet.headers.clone(),
+                total: sheet.total,
+            };
+            if sender.blocking_send(opened).is_err() {
+                return;
+            }
+            for _ in 0..skip {
+                if sheet.next_row().is_none() {
+                    break;
                 }
             }
-            Format::Xlsx => {
-                let mut workbook: Xlsx<_> = calamine::open_workbook_from_rs(Cursor::new(content))
-                    .map_err(|e| Unreadable(format!("not a readable XLSX workbook: {e}")))?;
-                let range = workbook
-                    .worksheet_range_at(0)
-                    .ok_or_else(|| Unreadable("the workbook has no worksheet".into()))?
-                    .map_err(|e| Unreadable(format!("the first worksheet cannot be read: {e}")))?;
-                let first_line = range.start().map_or(1, |(row, _)| row + 1);
-                Sheet {
-                    headers: Vec::new(),
-                    rows: Rows::Xlsx {
-                        range,
-                        next: 0,
-                        first_line,
-                    },
+            loop {
+                let rows: Vec<_> = std::iter::from_fn(|| sheet.next_row()).take(batch).collect();
+                if rows.is_empty() {
+                    let _ = sender.blocking_send(Fed::End);
+                    return;
+                }
+                if sender.blocking_send(Fed::Rows(rows)).is_err() {
+                    return;
                 }
             }
+        })
+    });
+    receiver
+}
+
+fn open_csv(content: &[u8]) -> Result<Sheet<'_, '_>, Unreadable> {
+    let content = content.strip_prefix(b"\xEF\xBB\xBF").unwrap_or(content);
+    if content.starts_with(b"PK\x03\x04") {
+        return Err(Unreadable(
+            "this is an XLSX workbook, not CSV text; import it with format=xlsx".into(),
+        ));
+    }
+    let delimiter = sniff_delimiter(content);
+    let rows = |reader| Rows::Csv {
+        content,
+        reader,
+        breaks: 0,
+        counted_to: 0,
+    };
+    let mut counting = Sheet::start(rows(csv_reader(content, delimiter)), 0)?;
+    let total = std::iter::from_fn(|| counting.next_row()).count();
+    Sheet::start(rows(csv_reader(content, delimiter)), total)
+}
+
+fn xlsx_rows<'w, 'c>(cells: XlsxCells<'w, 'c>) -> Rows<'w, 'c> {
+    Rows::Xlsx {
+        cells,
+        ahead: None,
+        failed: None,
+        done: false,
+    }
+}
+
+impl<'w, 'c> Sheet<'w, 'c> {
+    /// Reads the header row (the first row that is not blank).
+    fn start(rows: Rows<'w, 'c>, total: usize) -> Result<Self, Unreadable> {
+        let mut sheet = Sheet {
+            headers: Vec::new(),
+            total,
+            rows,
         };
         match sheet.next_row() {
             Some(Ok(header)) => {
@@ -139,29 +225,6 @@ impl<'a> Sheet<'a> {
         }
     }
 
-    /// How many data rows (not blank) follow the header; reads the rest of the file once more.
-    pub fn count_rows(&self) -> usize {
-        match &self.rows {
-            Rows::Csv { content, delimiter, .. } => {
-                let mut reader = csv_reader(content, *delimiter);
-                let mut record = csv::ByteRecord::new();
-                let mut count = 0usize;
-                while let Ok(true) = reader.read_byte_record(&mut record) {
-                    if !record.iter().all(|cell| cell.trim_ascii().is_empty()) {
-                        count += 1;
-                    }
-                }
-                // The header row was counted too.
-                count.saturating_sub(1)
-            }
-            Rows::Xlsx { range, next, .. } => range
-                .rows()
-                .skip(*next)
-                .filter(|row| !row.iter().all(|cell| cell_text(cell).trim().is_empty()))
-                .count(),
-        }
-    }
-
     /// The next row that is not blank.
     pub fn next_row(&mut self) -> Option<Result<Row, BadRow>> {
         match &mut self.rows {
@@ -170,7 +233,6 @@ impl<'a> Sheet<'a> {
                 reader,
                 breaks,
                 counted_to,
-                ..
             } => loop {
                 let mut record = csv::ByteRecord::new();
                 let mut line_at = |byte: u64| {
@@ -215,23 +277,74 @@ impl<'a> Sheet<'a> {
                 }
             },
             Rows::Xlsx {
-                range,
-                next,
-                first_line,
+                cells,
+                ahead,
+                failed,
+                done,
             } => loop {
-                let index = *next;
-                let row = range.rows().nth(index)?;
-                *next += 1;
-                let cells: Vec<String> = row.iter().map(cell_text).collect();
-                if cells.iter().all(|c| c.trim().is_empty()) {
+                if let Some((line, detail)) = failed.take() {
+                    *done = true;
+                    return Some(Err(BadRow { line, detail }));
+                }
+                if *done && ahead.is_none() {
+                    return None;
+                }
+                let first = match ahead.take() {
+                    Some(cell) => cell,
+                    None => match next_cell(cells) {
+                        Ok(Some(cell)) => cell,
+                        Ok(None) => return None,
+                        Err(detail) => {
+                            *done = true;
+                            return Some(Err(BadRow { line: 0, detail }));
+                        }
+                    },
+                };
+                let row = first.0;
+                let mut values: Vec<String> = Vec::new();
+                let mut place = |(_, col, text): (u32, u32, String)| {
+                    let col = col as usize;
+                    if values.len() <= col {
+                        values.resize(col + 1, String::new());
+                    }
+                    values[col] = text;
+                };
+                place(first);
+                while !*done {
+                    match next_cell(cells) {
+                        Ok(Some(cell)) if cell.0 == row => place(cell),
+                        Ok(Some(cell)) => {
+                            *ahead = Some(cell);
+                            break;
+                        }
+                        Ok(None) => *done = true,
+                        Err(detail) => {
+                            *failed = Some((row + 2, detail));
+                            break;
+                        }
+                    }
+                }
+                if values.iter().all(|v| v.trim().is_empty()) {
                     continue;
                 }
                 return Some(Ok(Row {
-                    line: *first_line + index as u32,
-                    cells,
+                    line: row + 1,
+                    cells: values,
                 }));
             },
         }
+    }
+}
+
+/// The next cell of a worksheet as (row, column, text), or why the worksheet cannot be read further.
+fn next_cell(cells: &mut XlsxCells<'_, '_>) -> Result<Option<(u32, u32, String)>, String> {
+    match cells.next_cell() {
+        Ok(Some(cell)) => {
+            let (row, col) = cell.get_position();
+            Ok(Some((row, col, cell_text(cell.get_value()))))
+        }
+        Ok(None) => Ok(None),
+        Err(e) => Err(format!("the rest of the worksheet cannot be read: {e}")),
     }
 }
 
@@ -272,15 +385,16 @@ pub fn sniff_delimiter(content: &[u8]) -> u8 {
 
 /// A cell as text: whole numbers without a fraction (postal codes, phone numbers typed as numbers), dates as
 /// `YYYY-MM-DD` (with a time when there is one), errors as empty.
-fn cell_text(cell: &Data) -> String {
+fn cell_text(cell: &DataRef<'_>) -> String {
     match cell {
-        Data::Empty | Data::Error(_) => String::new(),
-        Data::String(s) | Data::DateTimeIso(s) | Data::DurationIso(s) => s.clone(),
-        Data::Int(i) => i.to_string(),
-        Data::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
-        Data::Float(f) => f.to_string(),
-        Data::Bool(b) => b.to_string(),
-        Data::DateTime(_) => match cell.as_datetime() {
+        DataRef::Empty | DataRef::Error(_) => String::new(),
+        DataRef::String(s) | DataRef::DateTimeIso(s) | DataRef::DurationIso(s) => s.clone(),
+        DataRef::SharedString(s) => (*s).to_string(),
+        DataRef::Int(i) => i.to_string(),
+        DataRef::Float(f) if f.fract() == 0.0 && f.abs() < 1e15 => format!("{}", *f as i64),
+        DataRef::Float(f) => f.to_string(),
+        DataRef::Bool(b) => b.to_string(),
+        DataRef::DateTime(_) => match cell.as_datetime() {
             Some(at) if at.time() == chrono::NaiveTime::MIN => at.format("%Y-%m-%d").to_string(),
             Some(at) => at.format("%Y-%m-%dT%H:%M:%S").to_string(),
             None => String::new(),
@@ -293,12 +407,16 @@ mod tests {
     use super::*;
 
     fn rows(format: Format, content: &[u8]) -> (Vec<String>, Vec<Result<Row, BadRow>>) {
-        let mut sheet = Sheet::open(format, content).unwrap();
-        let mut rows = Vec::new();
-        while let Some(row) = sheet.next_row() {
-            rows.push(row);
-        }
-        (sheet.headers, rows)
+        with_sheet(format, content, |sheet| {
+            let mut sheet = sheet.unwrap();
+            let rows: Vec<_> = std::iter::from_fn(|| sheet.next_row()).collect();
+            assert_eq!(sheet.total, rows.len());
+            (sheet.headers, rows)
+        })
+    }
+
+    fn opens(format: Format, content: &[u8]) -> bool {
+        with_sheet(format, content, |sheet| sheet.is_ok())
     }
 
     #[test]
@@ -330,8 +448,10 @@ mod tests {
 
     #[test]
     fn rows_are_counted_without_the_header_or_blank_lines() {
-        let sheet = Sheet::open(Format::Csv, b"email\na@example.com\n\n,\nb@example.com\n").unwrap();
-        assert_eq!(sheet.count_rows(), 2);
+        let total = with_sheet(Format::Csv, b"email\na@example.com\n\n,\nb@example.com\n", |s| {
+            s.unwrap().total
+        });
+        assert_eq!(total, 2);
     }
 
     #[test]
@@ -352,8 +472,30 @@ mod tests {
     }
 
     #[test]
+    fn xlsx_rows_with_gaps_keep_their_columns_and_dates_read_as_dates() {
+        let mut workbook = rust_xlsxwriter::Workbook::new();
+        let sheet = workbook.add_worksheet();
+        let date = rust_xlsxwriter::Format::new().set_num_format("yyyy-mm-dd");
+        let born = rust_xlsxwriter::ExcelDateTime::from_ymd(1990, 1, 12).unwrap();
+        for (col, header) in ["Email", "Zip", "Born"].into_iter().enumerate() {
+            sheet.write_string(0, col as u16, header).unwrap();
+        }
+        sheet.write_string(1, 0, "ann@example.com").unwrap();
+        sheet.write_datetime_with_format(1, 2, &born, &date).unwrap();
+        sheet.write_string(4, 1, "50667").unwrap();
+        let bytes = workbook.save_to_buffer().unwrap();
+        let (_, rows) = rows(Format::Xlsx, &bytes);
+        let rows: Vec<Row> = rows.into_iter().map(Result::unwrap).collect();
+        assert_eq!(rows[0].line, 2);
+        assert_eq!(rows[0].cells, ["ann@example.com", "", "1990-01-12"]);
+        assert_eq!(rows[1].line, 5);
+        assert_eq!(rows[1].cells, ["", "50667"]);
+    }
+
+    #[test]
     fn an_xlsx_file_sent_as_csv_is_refused_with_a_hint() {
-        assert!(Sheet::open(Format::Csv, b"PK\x03\x04rest").is_err());
-        assert!(Sheet::open(Format::Xlsx, b"email\nx@example.com\n").is_err());
+        assert!(!opens(Format::Csv, b"PK\x03\x04rest"));
+        assert!(!opens(Format::Xlsx, b"email\nx@example.com\n"));
+        assert!(!opens(Format::Csv, b"\n\n"));
     }
 }

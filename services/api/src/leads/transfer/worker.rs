@@ -15,7 +15,7 @@ use serde_json::{json, Value};
 use tokio_util::sync::CancellationToken;
 
 use super::columns::{self, Columns};
-use super::sheet::{Format, Row, Sheet};
+use super::sheet::{self, Fed, Format, Row};
 use crate::leads::profile::{self, CustomField, FieldError, WriteError};
 
 /// Rows imported per transaction (and per progress update).
@@ -81,11 +81,12 @@ enum Ended {
 /// Claims one waiting (or abandoned) job and runs it; `false` when there was none.
 pub async fn run_once(pool: &Pool, shutdown: &CancellationToken) -> anyhow::Result<bool> {
     let mut client = pool.get().await.context("failed to get a database connection")?;
-    let Some(job) = claim(&client).await? else {
+    let Some(mut job) = claim(&client).await? else {
         return Ok(false);
     };
+    let content = std::mem::take(&mut job.content);
     let mut lease = job.lease;
-    let ended = match import(&mut client, &job, &mut lease, shutdown).await {
+    let ended = match import(&mut client, &job, content, &mut lease, shutdown).await {
         Ok(ended) => ended,
         Err(e) => {
             tracing::error!(job.id = job.id, error = format!("{e:#}"), "import failed");
@@ -179,21 +180,25 @@ struct Context<'a> {
 async fn import(
     client: &mut deadpool_postgres::Client,
     job: &Job,
+    content: Vec<u8>,
     lease: &mut Lease,
     shutdown: &CancellationToken,
 ) -> anyhow::Result<Ended> {
     let Some(format) = Format::parse(&job.format) else {
         return Ok(Ended::Failed(format!("{} is not an import format", job.format)));
     };
-    let mut sheet = match Sheet::open(format, &job.content) {
-        Ok(sheet) => sheet,
-        Err(unreadable) => return Ok(Ended::Failed(unreadable.0)),
+    let skip = usize::try_from(job.counts.done).unwrap_or_default();
+    let mut fed = sheet::read_in_background(format, content, skip, BATCH_ROWS);
+    let (headers, total) = match fed.recv().await {
+        Some(Fed::Opened { headers, total }) => (headers, total),
+        Some(Fed::Unreadable(unreadable)) => return Ok(Ended::Failed(unreadable.0)),
+        _ => anyhow::bail!("the sheet reader stopped before the header"),
     };
     let defs = profile::custom_fields(&*client)
         .await
         .context("failed to read the custom fields")?;
     let mapping = job.mapping.as_object().cloned().unwrap_or_default();
-    let columns = match columns::resolve(&sheet.headers, &mapping, &defs) {
+    let columns = match columns::resolve(&headers, &mapping, &defs) {
         Ok(columns) => columns,
         Err(reason) => return Ok(Ended::Failed(reason)),
     };
@@ -202,7 +207,7 @@ async fn import(
             "no column holds the email address: name one Email, or map it (mapping {\"<header>\": \"email\"})".into(),
         ));
     }
-    let total = i32::try_from(sheet.count_rows()).unwrap_or(i32::MAX);
+    let total = i32::try_from(total).unwrap_or(i32::MAX);
     client
         .execute(
             "UPDATE import_jobs SET rows_total = $2, unmapped_columns = $3 WHERE id = $1",
@@ -210,12 +215,6 @@ async fn import(
         )
         .await
         .context("failed to record the job's size")?;
-    // Rows a previous run committed.
-    for _ in 0..job.counts.done {
-        if sheet.next_row().is_none() {
-            break;
-        }
-    }
     let context = Context {
         job,
         columns,
@@ -227,10 +226,11 @@ async fn import(
         if shutdown.is_cancelled() {
             return Ok(Ended::Interrupted);
         }
-        let batch: Vec<_> = std::iter::from_fn(|| sheet.next_row()).take(BATCH_ROWS).collect();
-        if batch.is_empty() {
-            return Ok(Ended::Done);
-        }
+        let batch = match fed.recv().await {
+            Some(Fed::Rows(batch)) => batch,
+            Some(Fed::End) => return Ok(Ended::Done),
+            _ => anyhow::bail!("the sheet reader stopped before the end of the file"),
+        };
         let mut tx = client.transaction().await.context("failed to begin a batch")?;
         let mut next = counts;
         for item in batch {
