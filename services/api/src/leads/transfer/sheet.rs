@@ -81,7 +81,7 @@ enum Rows<'w, 'c> {
         counted_to: usize,
     },
     Xlsx {
-        cells: XlsxCells<'w, 'c>,
+        cells: Box<XlsxCells<'w, 'c>>,
         /// The first cell of the next row, read ahead.
         ahead: Option<(u32, u32, String)>,
         /// Why the rest of the worksheet cannot be read (reported once, at the row it happened in).
@@ -197,7 +197,7 @@ fn open_csv(content: &[u8]) -> Result<Sheet<'_, '_>, Unreadable> {
 
 fn xlsx_rows<'w, 'c>(cells: XlsxCells<'w, 'c>) -> Rows<'w, 'c> {
     Rows::Xlsx {
-        cells,
+        cells: Box::new(cells),
         ahead: None,
         failed: None,
         done: false,
