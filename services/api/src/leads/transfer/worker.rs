@@ -356,53 +356,56 @@ async fn upsert(
     email: &str,
     input: &profile::ProfileInput,
 ) -> Result<Outcome, Refusal> {
-    let inserted = tx
-        .query_opt(
-            "INSERT INTO leads (email) VALUES ($1) ON CONFLICT (email) DO NOTHING RETURNING id",
-            &[&email],
+    // Statements prepared once per connection: an import runs them for every row.
+    let found = tx
+        .prepare_cached(
+            "WITH new AS (INSERT INTO leads (email) VALUES ($1) ON CONFLICT (email) DO NOTHING RETURNING id)
+             SELECT id, true FROM new UNION ALL SELECT id, false FROM leads WHERE email = $1",
         )
         .await?;
-    let created = inserted.is_some();
-    let lead_id: i64 = match inserted {
-        Some(row) => row.get(0),
-        None => tx
-            .query_one("SELECT id FROM leads WHERE email = $1", &[&email])
-            .await?
-            .get(0),
+    let (lead_id, created): (i64, bool) = match tx.query_opt(&found, &[&email]).await? {
+        Some(row) => (row.get(0), row.get(1)),
+        // Created by another transaction after this statement's snapshot was taken.
+        None => (
+            tx.query_one("SELECT id FROM leads WHERE email = $1", &[&email])
+                .await?
+                .get(0),
+            false,
+        ),
     };
     let mut changes = profile::write(tx, lead_id, input).await?;
     if created {
         // A new lead comes from the import's source unless its row says otherwise; its origin is set here once.
         let source = context.job.source.as_deref().unwrap_or("import");
-        tx.execute(
-            "UPDATE leads l
+        let origin = tx
+            .prepare_cached(
+                "UPDATE leads l
                 SET source = coalesce(l.source, $2),
                     original_source = coalesce(l.original_source, l.source, $2),
                     original_source_category = coalesce(
                         l.original_source_category,
                         (SELECT category FROM lead_sources WHERE name = coalesce(l.original_source, l.source, $2)))
               WHERE l.id = $1",
-            &[&lead_id, &source],
-        )
-        .await?;
+            )
+            .await?;
+        tx.execute(&origin, &[&lead_id, &source]).await?;
         changes.insert("email".into(), json!({"from": null, "to": email}));
     }
     if created || !changes.is_empty() {
-        tx.execute(
-            "INSERT INTO lead_changes (lead_id, kind, changes, actor) VALUES ($1, 'imported', $2, $3)",
-            &[&lead_id, &Value::Object(changes), &context.actor],
-        )
-        .await?;
+        let change = tx
+            .prepare_cached("INSERT INTO lead_changes (lead_id, kind, changes, actor) VALUES ($1, 'imported', $2, $3)")
+            .await?;
+        tx.execute(&change, &[&lead_id, &Value::Object(changes), &context.actor])
+            .await?;
         leadflow_scheduler::scoring::rescore_lead(tx, lead_id, &context.actor)
             .await
             .map_err(|e| Refusal::Failed(e.context("failed to rescore an imported lead")))?;
     }
     if let Some(list_id) = context.job.list_id {
-        tx.execute(
-            "INSERT INTO lead_list_members (list_id, lead_id) VALUES ($1, $2) ON CONFLICT DO NOTHING",
-            &[&list_id, &lead_id],
-        )
-        .await?;
+        let member = tx
+            .prepare_cached("INSERT INTO lead_list_members (list_id, lead_id) VALUES ($1, $2) ON CONFLICT DO NOTHING")
+            .await?;
+        tx.execute(&member, &[&list_id, &lead_id]).await?;
     }
     Ok(if created { Outcome::Created } else { Outcome::Updated })
 }
