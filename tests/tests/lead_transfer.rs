@@ -536,6 +536,23 @@ async fn a_read_only_key_cannot_import() {
         .refused(401);
 }
 
+#[tokio::test]
+async fn an_import_file_may_be_larger_than_a_json_body_up_to_64_mib() {
+    let app = TestApp::spawn_with(&[Component::Api], &[("LEADFLOW_MAX_BODY_BYTES", "1000")]).await;
+    let api = ApiClient::with_scope(&app, Scope::Write).await;
+    let mut csv = String::from("email\n");
+    for i in 0..500 {
+        csv.push_str(&format!("lead{i}@example.com\n"));
+    }
+    assert!(csv.len() > 1000);
+    let job = import(&api, CSV, csv.into_bytes(), &[]).await;
+    assert_eq!(job["rows_created"], 500, "{job:#}");
+
+    let too_large = vec![b'x'; 64 * 1024 * 1024 + 1];
+    let refused = api.upload("/v1/imports?format=csv", CSV, too_large).await.refused(413);
+    assert!(refused["detail"].as_str().is_some_and(|d| !d.is_empty()), "{refused:#}");
+}
+
 /// The peak resident memory of process `pid` (VmHWM), in KiB.
 fn peak_kib(pid: u32) -> u64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("the process's status");
