@@ -136,6 +136,20 @@ async fn a_bad_row_is_reported_with_its_line_number_and_field_while_good_rows_go
         ]
     );
 
+    // The errors page by line.
+    let page = api
+        .get(&format!("/v1/imports/{}/errors?limit=3", job["id"]))
+        .await
+        .expect(200);
+    assert_eq!(page["items"].as_array().map(Vec::len), Some(3), "{page:#}");
+    let cursor = page["next_cursor"].as_str().expect("a next page");
+    let rest = api
+        .get(&format!("/v1/imports/{}/errors?limit=3&cursor={cursor}", job["id"]))
+        .await
+        .expect(200);
+    assert_eq!(rest["items"][0]["line"], 8, "{rest:#}");
+    assert_eq!(rest["next_cursor"], Value::Null, "{rest:#}");
+
     let ann = lead(&app, "ann@example.com").await;
     assert_eq!(ann["first_name"], "Ann");
     assert_eq!(ann["country"], "DE");
@@ -225,6 +239,20 @@ async fn importing_changed_rows_again_updates_the_leads_without_duplicates() {
         .expect("the re-import is in ann's change log")
         .get(0);
     assert_eq!(changes["city"], json!({"from": "Berlin", "to": "Hamburg"}));
+
+    // The jobs, newest first, a page at a time.
+    let page = api.get("/v1/imports?limit=1").await.expect(200);
+    assert_eq!(page["items"][0]["id"], job["id"], "{page:#}");
+    let cursor = page["next_cursor"].as_str().expect("an older page");
+    let older = api
+        .get(&format!("/v1/imports?limit=1&cursor={cursor}"))
+        .await
+        .expect(200);
+    assert_eq!(older["items"].as_array().map(Vec::len), Some(1), "{older:#}");
+    assert_ne!(older["items"][0]["id"], job["id"]);
+    assert_eq!(older["next_cursor"], Value::Null, "{older:#}");
+    api.get("/v1/imports?cursor=nonsense").await.problem(400, "cursor");
+    api.get("/v1/imports/999999").await.refused(404);
 }
 
 fn workbook(rows: &[&[&str]]) -> Vec<u8> {
