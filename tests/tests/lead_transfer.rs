@@ -492,6 +492,19 @@ async fn a_filtered_csv_export_holds_exactly_the_matching_leads_and_imports_agai
         .expect("lead3 is in Berlin");
     assert_eq!((&lead3[phones], &lead3[seats]), ("+49 3, +49 03", "3"));
 
+    // In the order asked for.
+    let sorted = api.get("/v1/leads/export?city=Berlin&sort=email:desc").await;
+    assert_eq!(sorted.status.as_u16(), 200, "{sorted:#?}");
+    let sorted = sorted.text();
+    let emails: Vec<String> = csv::Reader::from_reader(sorted.as_bytes())
+        .records()
+        .map(|r| r.expect("a CSV record")[column("email")].to_string())
+        .collect();
+    let mut descending = emails.clone();
+    descending.sort_by(|a, b| b.cmp(a));
+    assert_eq!(emails, descending);
+    assert_eq!(emails.len(), 10);
+
     // A filter the search does not know is refused naming it.
     api.get("/v1/leads/export?colour=red").await.problem(400, "colour");
 
