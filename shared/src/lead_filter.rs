@@ -486,8 +486,10 @@ impl SqlBuilder {
                 )
             }
             Condition::EmailExact(email) => format!("l.email = {}", self.bind(Box::new(email.clone()))),
+            // The few leads with the number first, through the GIN index (as an init plan): PostgreSQL has no
+            // statistics for single numbers and would otherwise walk a sort index testing every lead.
             Condition::Phone(digits) => format!(
-                "lead_phone_digits(l.phones) @> ARRAY[{}::text]",
+                "l.id = ANY (ARRAY(SELECT p.id FROM leads p WHERE lead_phone_digits(p.phones) @> ARRAY[{}::text]))",
                 self.bind(Box::new(digits.clone()))
             ),
             Condition::Tag(tag) => format!("l.tags @> ARRAY[{}::text]", self.bind(Box::new(tag.clone()))),

@@ -157,3 +157,38 @@ pub async fn search(_: Reader, State(state): State<ApiState>, query: Pairs) -> R
         .map_err(|e| problem::internal("failed to search leads", e))?;
     Ok(Json(page).into_response())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pairs(items: &[(&str, &str)]) -> Vec<(String, String)> {
+        items.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+    }
+
+    #[test]
+    fn paging_parameters_are_taken_out_and_the_filters_stay() {
+        let mut given = pairs(&[
+            ("city", "Berlin"),
+            ("sort", "score:desc"),
+            ("limit", "20"),
+            ("tag", "vip"),
+        ]);
+        let request = PageRequest::take(&mut given).unwrap();
+        assert_eq!(request.sort.to_string(), "score:desc");
+        assert_eq!(request.limit, 20);
+        assert!(request.cursor.is_none());
+        assert_eq!(given, pairs(&[("city", "Berlin"), ("tag", "vip")]));
+    }
+
+    #[test]
+    fn the_limit_defaults_to_50_and_is_at_most_500() {
+        assert_eq!(PageRequest::take(&mut Vec::new()).unwrap().limit, DEFAULT_LIMIT);
+        for bad in ["0", "501", "-1", "ten", ""] {
+            let e = PageRequest::take(&mut pairs(&[("limit", bad)])).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("limit"), "limit={bad}");
+        }
+        let e = PageRequest::take(&mut pairs(&[("sort", "email"), ("sort", "score")])).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("sort"));
+    }
+}
