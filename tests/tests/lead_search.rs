@@ -803,3 +803,52 @@ async fn a_campaign_targeting_a_segment_enrolls_only_matching_leads_and_its_list
     assert!(replaced["audience"].is_null(), "{replaced:#}");
     api.delete("/v1/lists/schmidts").await.expect(204);
 }
+
+#[tokio::test]
+async fn a_campaign_targeting_a_static_list_enrolls_only_its_members() {
+    let app = TestApp::spawn().await;
+    let api = ApiClient::with_scope(&app, Scope::Write).await;
+    let db = app.db().await;
+    for email in ["member@shop.test", "outsider@shop.test"] {
+        db.execute("INSERT INTO leads (email) VALUES ($1)", &[&email])
+            .await
+            .expect("lead");
+    }
+    let member: i64 = db
+        .query_one("SELECT id FROM leads WHERE email = 'member@shop.test'", &[])
+        .await
+        .expect("member id")
+        .get(0);
+    api.post("/v1/lists", &json!({"name": "insiders"})).await.expect(201);
+    api.post("/v1/lists/insiders/members", &json!({"lead_ids": [member]}))
+        .await
+        .expect(200);
+    api.post(
+        "/v1/admin/campaigns",
+        &json!({
+            "name": "insider-recovery",
+            "lead_source": "checkout.abandoned",
+            "audience": "insiders",
+            "steps": [{"delay": "1h", "template": "cart-reminder"}]
+        }),
+    )
+    .await
+    .expect(201);
+
+    app.post_event(&json!([
+        event("checkout.abandoned", "member@shop.test"),
+        event("checkout.abandoned", "outsider@shop.test")
+    ]))
+    .await;
+    wait_until("both events are handled", DEADLINE, || async {
+        app.count("SELECT count(*) FROM events WHERE handled_at IS NOT NULL")
+            .await
+            >= 2
+    })
+    .await;
+    assert_eq!(
+        found(&api, &[("campaign", "insider-recovery")]).await,
+        set(&["member@shop.test"])
+    );
+    api.delete("/v1/lists/insiders").await.problem(409, "name");
+}
