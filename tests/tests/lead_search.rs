@@ -4,11 +4,15 @@
 //! a segment enrolling only matching leads through the real pipeline, and a list in use refused deletion.
 
 use std::collections::BTreeSet;
+use std::process::Stdio;
 
 use serde_json::{json, Value};
 
 use leadflow::api::keys::Scope;
+use leadflow::Component;
 use leadflow_tests::{event, wait_until, ApiClient, TestApp, DEADLINE};
+
+const LEADFLOW: &str = env!("CARGO_BIN_EXE_leadflow-under-test");
 
 /// One seeded lead: the columns the filters read.
 struct Seed {
@@ -851,4 +855,113 @@ async fn a_campaign_targeting_a_static_list_enrolls_only_its_members() {
         set(&["member@shop.test"])
     );
     api.delete("/v1/lists/insiders").await.problem(409, "name");
+}
+
+/// Runs `leadflow <args>` against the test's API with `key`, insisting it succeeds; returns its stdout.
+async fn leadflow(app: &TestApp, key: &str, args: &[&str]) -> String {
+    let mut command = tokio::process::Command::new(LEADFLOW);
+    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+    for (name, _) in std::env::vars() {
+        if name.starts_with("LEADFLOW_") {
+            command.env_remove(name);
+        }
+    }
+    for (name, value) in app.env() {
+        command.env(name, value);
+    }
+    command
+        .env("LEADFLOW_API_URL", app.url(""))
+        .env("LEADFLOW_API_KEY", key);
+    let out = tokio::time::timeout(DEADLINE, command.output())
+        .await
+        .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
+        .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "leadflow {args:?} failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    stdout
+}
+
+#[tokio::test]
+async fn the_command_line_searches_and_keeps_lists_and_segments() {
+    let app = TestApp::spawn_with(&[Component::Api], &[]).await;
+    seed(&app).await;
+    let writer = ApiClient::with_scope(&app, Scope::Write).await;
+    let key = writer.key().unwrap_or_default().to_string();
+
+    // One lead per line with --json; every page with --all.
+    let out = leadflow(
+        &app,
+        &key,
+        &[
+            "leads",
+            "search",
+            "--where",
+            "city=Berlin",
+            "--sort",
+            "email:desc",
+            "--json",
+        ],
+    )
+    .await;
+    let emails: Vec<String> = out
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<Value>(line).expect("a lead per line")["email"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    assert_eq!(emails, vec!["carla@acme.test", "anna@acme.test"]);
+    let out = leadflow(&app, &key, &["leads", "search", "--limit", "3", "--all", "--json"]).await;
+    assert_eq!(out.lines().count(), 10, "{out}");
+
+    leadflow(
+        &app,
+        &key,
+        &["lists", "create", "fair", "--description", "Met at the fair"],
+    )
+    .await;
+    let out = leadflow(
+        &app,
+        &key,
+        &["lists", "add", "fair", "anna@acme.test", "dan@example.test"],
+    )
+    .await;
+    assert!(out.contains("2 lead(s) added"), "{out}");
+    leadflow(
+        &app,
+        &key,
+        &[
+            "lists",
+            "create",
+            "keen",
+            "--where",
+            "score_min=40",
+            "--where",
+            "list=fair",
+        ],
+    )
+    .await;
+    let out = leadflow(&app, &key, &["lists", "list"]).await;
+    assert!(
+        out.contains("fair") && out.contains("static") && out.contains("segment"),
+        "{out}"
+    );
+    let out = leadflow(&app, &key, &["lists", "members", "keen", "--json"]).await;
+    let members: Value = serde_json::from_str(&out).expect("members as JSON");
+    let mut keen: Vec<&str> = members
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["email"].as_str().unwrap())
+        .collect();
+    keen.sort();
+    assert_eq!(keen, vec!["anna@acme.test", "dan@example.test"]);
+    leadflow(&app, &key, &["lists", "delete", "keen"]).await;
+    assert!(!leadflow(&app, &key, &["lists", "list"]).await.contains("keen"));
 }
