@@ -965,3 +965,46 @@ async fn the_command_line_searches_and_keeps_lists_and_segments() {
     leadflow(&app, &key, &["lists", "delete", "keen"]).await;
     assert!(!leadflow(&app, &key, &["lists", "list"]).await.contains("keen"));
 }
+
+#[tokio::test]
+async fn a_campaign_file_naming_an_unknown_audience_is_refused_naming_audience() {
+    let app = TestApp::spawn_with(&[Component::Api], &[]).await;
+    let dir = std::env::temp_dir().join(format!("leadflow-audience-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    std::fs::write(
+        dir.join("campaign.yaml"),
+        "name: vip-only\nlead_source: checkout.abandoned\naudience: vips\nsteps:\n  - { delay: 1h, template: cart-reminder }\n",
+    )
+    .expect("campaign file");
+    let pool = leadflow_shared::db::pool(&app.config.database).expect("pool");
+    let refused = leadflow::apply::apply_path(&pool, &dir)
+        .await
+        .expect_err("no list named vips");
+    assert!(
+        format!("{refused:#}").contains("audience: there is no list or segment named \"vips\""),
+        "{refused:#}"
+    );
+    assert_eq!(
+        app.count("SELECT count(*) FROM campaigns WHERE name = 'vip-only'")
+            .await,
+        0
+    );
+
+    ApiClient::with_scope(&app, Scope::Write)
+        .await
+        .post("/v1/lists", &json!({"name": "vips", "filter": {"tag": "vip"}}))
+        .await
+        .expect(201);
+    leadflow::apply::apply_path(&pool, &dir)
+        .await
+        .expect("applied once the list exists");
+    assert_eq!(
+        app.count(
+            "SELECT count(*) FROM campaigns c JOIN lead_lists ll ON ll.id = c.audience_list
+              WHERE c.name = 'vip-only' AND ll.name = 'vips'"
+        )
+        .await,
+        1
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
