@@ -99,6 +99,7 @@ pub struct Config {
     pub sender: SenderConfig,
     pub notify: NotifyConfig,
     pub mail: MailConfig,
+    pub leads: LeadsConfig,
     /// `LEADFLOW_DKIM_*`: DKIM signing of every email; `None` when none of the variables is set.
     pub dkim: Option<DkimConfig>,
     pub log: LogConfig,
@@ -427,6 +428,35 @@ pub struct NotifyConfig {
     pub timeout: Duration,
 }
 
+/// Lead records: what recognises a person as a lead that exists already.
+#[derive(Debug, Clone)]
+pub struct LeadsConfig {
+    /// `LEADFLOW_IDENTITY_KEY`: `email` (default) or `customer_id`. With `customer_id`, events, `POST /v1/leads`
+    /// and imports must carry the customer id and find the lead by it; the email travels with the lead and
+    /// follows the customer's latest address. Read once at start-up; every process of a deployment must agree.
+    pub identity_key: IdentityKey,
+}
+
+/// The field that identifies a lead (see [`LeadsConfig::identity_key`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum IdentityKey {
+    /// The normalised email address: a new address is a new lead.
+    #[default]
+    Email,
+    /// The shop's customer id: the same customer with a new address is the same lead, with its email updated.
+    CustomerId,
+}
+
+impl IdentityKey {
+    /// The field's name, as requests and errors spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Email => "email",
+            Self::CustomerId => "customer_id",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LogFormat {
     Json,
@@ -590,6 +620,19 @@ impl Config {
             bounce_domain: bounce_domain.to_ascii_lowercase(),
         };
 
+        let leads = LeadsConfig {
+            identity_key: match src.string("LEADFLOW_IDENTITY_KEY", "email").as_str() {
+                "email" => IdentityKey::Email,
+                "customer_id" => IdentityKey::CustomerId,
+                other => {
+                    return Err(ConfigError {
+                        var: "LEADFLOW_IDENTITY_KEY".into(),
+                        reason: format!("expected email or customer_id, got {other:?}"),
+                    })
+                }
+            },
+        };
+
         let dkim = dkim_config(src)?;
 
         let log = LogConfig {
@@ -615,6 +658,7 @@ impl Config {
             sender,
             notify,
             mail,
+            leads,
             dkim,
             log,
         })
@@ -769,6 +813,16 @@ mod tests {
         assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_NOTIFY_RETRY_BASE");
         let src = Source::from_pairs([("LEADFLOW_NOTIFY_MAX_ATTEMPTS", "0")]);
         assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_NOTIFY_MAX_ATTEMPTS");
+    }
+
+    #[test]
+    fn the_identity_key_is_the_email_unless_customer_id_is_chosen() {
+        let default = Config::load(&Source::default()).unwrap();
+        assert_eq!(default.leads.identity_key, IdentityKey::Email);
+        let src = Source::from_pairs([("LEADFLOW_IDENTITY_KEY", "customer_id")]);
+        assert_eq!(Config::load(&src).unwrap().leads.identity_key, IdentityKey::CustomerId);
+        let src = Source::from_pairs([("LEADFLOW_IDENTITY_KEY", "phone")]);
+        assert_eq!(Config::load(&src).unwrap_err().var, "LEADFLOW_IDENTITY_KEY");
     }
 
     #[test]

@@ -170,6 +170,34 @@ pub async fn resubscribe(
     Ok(true)
 }
 
+/// Carries every suppression of `from` (global and per campaign) over to `to`, for a lead whose address changed:
+/// a person who opted out stays out whichever address the lead has now. Returns the enrollments this ended, each
+/// with its reason, for the caller's notifications. Runs in the caller's transaction, after the lead's email moved.
+pub async fn carry_over(
+    tx: &impl GenericClient,
+    from: &EmailAddress,
+    to: &EmailAddress,
+    source: &str,
+) -> anyhow::Result<Vec<(Reason, i64)>> {
+    let rows = tx
+        .query(
+            "SELECT reason, campaign_id, note FROM suppressions WHERE email_hash = $1",
+            &[&email_hash(from)],
+        )
+        .await?;
+    let mut ended = Vec::new();
+    for row in rows {
+        let Some(reason) = Reason::parse(row.try_get(0)?) else {
+            continue;
+        };
+        let campaign_id: Option<i64> = row.try_get(1)?;
+        let note: Option<String> = row.try_get(2)?;
+        let done = suppress(tx, to, reason, source, campaign_id, note.as_deref()).await?;
+        ended.extend(done.ended_enrollments.into_iter().map(|id| (reason, id)));
+    }
+    Ok(ended)
+}
+
 /// Records a transient failure (4xx, or a DSN `delayed`-then-failed soft status) for the address. When the address
 /// has `limit` of them within `window` with no success in between, it is suppressed as bounced (source
 /// `soft-bounces`); returns the suppression in that case. A repeat for the same delivery and status counts once.

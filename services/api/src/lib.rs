@@ -25,6 +25,7 @@ use axum::Router;
 use deadpool_postgres::Pool;
 use tokio_util::sync::CancellationToken;
 
+use leadflow_shared::config::IdentityKey;
 use leadflow_shared::http::Problem;
 use leadflow_shared::service::{Context, Service};
 
@@ -35,23 +36,28 @@ pub const SUPPRESSION_FILE_BYTES: usize = 64 * 1024 * 1024;
 #[derive(Clone)]
 pub struct ApiState {
     pub pool: Pool,
+    /// `LEADFLOW_IDENTITY_KEY`: what finds a lead that exists already (creating leads, importing them).
+    pub identity: IdentityKey,
 }
 
 /// The admin API and the public unsubscribe page (`/u/{token}`, [`public`]), and the lead import worker
 /// ([`leads::transfer::worker`]).
 pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
-    let routes = routes(ctx.pool.clone())
+    let routes = routes(ctx.pool.clone(), ctx.config.leads.identity_key)
         // LEADFLOW_MAX_BODY_BYTES bounds every JSON body; routes that take files set their own, larger limit.
         .layer(DefaultBodyLimit::max(ctx.config.http.max_body_bytes))
         .layer(axum::middleware::map_response(too_large_as_problem));
     Service::new("api")
         .routes(routes)
         .routes(public::routes(ctx.pool.clone(), ctx.config.mail.keyring.clone()))
-        .task("imports", leads::transfer::worker::run(ctx.pool.clone(), shutdown))
+        .task(
+            "imports",
+            leads::transfer::worker::run(ctx.pool.clone(), ctx.config.leads.identity_key, shutdown),
+        )
 }
 
 /// Every `/v1/admin` route.
-pub fn routes(pool: Pool) -> Router {
+pub fn routes(pool: Pool, identity: IdentityKey) -> Router {
     Router::new()
         .route("/v1/admin/campaigns", get(campaigns::list).post(campaigns::create))
         .route("/v1/admin/campaigns/{name}", get(campaigns::get).put(campaigns::put))
@@ -88,7 +94,7 @@ pub fn routes(pool: Pool) -> Router {
         .route("/v1/admin/{*rest}", any(not_found))
         .method_not_allowed_fallback(method_not_allowed)
         .layer(axum::middleware::from_fn(metrics::track))
-        .with_state(ApiState { pool })
+        .with_state(ApiState { pool, identity })
 }
 
 /// axum answers an oversized body with a plain-text 413; every error of this API is problem+json.

@@ -10,11 +10,13 @@ use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
 use leadflow_shared::amqp::{self, Outcome};
+use leadflow_shared::config::IdentityKey;
 use leadflow_shared::service::Context;
 use leadflow_shared::topology::WorkQueue;
 
 use crate::events::{parse_event, LeadEvent};
 use crate::http::store_and_hand_off;
+use crate::identity;
 use crate::metrics;
 
 /// The most messages stored in one transaction.
@@ -42,7 +44,7 @@ async fn handle_all(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, 
     let mut outcomes: Vec<Option<Outcome>> = Vec::with_capacity(deliveries.len());
     let mut parsed: Vec<(usize, Vec<LeadEvent>)> = Vec::new();
     for (i, delivery) in deliveries.iter().enumerate() {
-        match parse(delivery) {
+        match parse(delivery, ctx.config.leads.identity_key) {
             Ok(events) => {
                 outcomes.push(None);
                 parsed.push((i, events));
@@ -57,7 +59,7 @@ async fn handle_all(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, 
                 outcomes[*i] = Some(Outcome::Ack);
             }
         }
-        Err(e) if parsed.len() == 1 => outcomes[parsed[0].0] = Some(Outcome::Retry(e)),
+        Err(e) if parsed.len() == 1 => outcomes[parsed[0].0] = Some(identity::outcome_of_failure(e)),
         Err(e) => {
             tracing::warn!(
                 error = format!("{e:#}"),
@@ -67,7 +69,7 @@ async fn handle_all(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, 
             for (i, events) in &parsed {
                 outcomes[*i] = Some(match store_and_hand_off(ctx, events, "amqp").await {
                     Ok(_) => Outcome::Ack,
-                    Err(e) => Outcome::Retry(e),
+                    Err(e) => identity::outcome_of_failure(e),
                 });
             }
         }
@@ -83,7 +85,7 @@ async fn handle_all(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, 
 }
 
 /// The events of one message (one event, or a JSON array of events), or why the message is refused.
-fn parse(delivery: &Delivery) -> Result<Vec<LeadEvent>, String> {
+fn parse(delivery: &Delivery, identity: IdentityKey) -> Result<Vec<LeadEvent>, String> {
     let value: Value = match serde_json::from_slice(&delivery.data) {
         Ok(v) => v,
         Err(e) => {
@@ -97,7 +99,7 @@ fn parse(delivery: &Delivery) -> Result<Vec<LeadEvent>, String> {
     };
     let mut events = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
-        match parse_event(item) {
+        match parse_event(item, identity) {
             Ok(e) => events.push(e),
             Err(e) => {
                 metrics::rejected("amqp", &e.field);

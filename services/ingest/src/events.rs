@@ -3,6 +3,7 @@
 use chrono::{DateTime, Utc};
 use serde_json::{Map, Value};
 
+use leadflow_shared::config::IdentityKey;
 use leadflow_shared::domain::{EmailAddress, EventType};
 
 /// A field that failed validation: a JSON pointer into the event and why.
@@ -40,6 +41,10 @@ pub struct LeadEvent {
     pub event_type: EventType,
     pub time: DateTime<Utc>,
     pub email: EmailAddress,
+    /// `data.customer_id`, trimmed; required when leads are keyed on it.
+    pub customer_id: Option<String>,
+    /// What finds the event's lead (`LEADFLOW_IDENTITY_KEY`): its email, or its customer id.
+    pub identity: IdentityKey,
     pub profile: Profile,
     /// The event's `data`, normalised (email lower-cased, country upper-cased), kept on the timeline.
     pub data: Value,
@@ -50,8 +55,9 @@ pub const MAX_SOURCE_LEN: usize = 512;
 const MAX_NAME_LEN: usize = 200;
 const MAX_TEXT_LEN: usize = 2000;
 
-/// Validates one structured CloudEvent; the error names the first offending field as a JSON pointer.
-pub fn parse_event(value: &Value) -> Result<LeadEvent, FieldError> {
+/// Validates one structured CloudEvent; the error names the first offending field as a JSON pointer. With
+/// `identity` [`IdentityKey::CustomerId`] the event must carry `data.customer_id`.
+pub fn parse_event(value: &Value, identity: IdentityKey) -> Result<LeadEvent, FieldError> {
     let obj = value
         .as_object()
         .ok_or_else(|| bad("/", "an event must be a JSON object"))?;
@@ -143,8 +149,15 @@ pub fn parse_event(value: &Value) -> Result<LeadEvent, FieldError> {
             return Err(bad("/data/currency", "must be an ISO 4217 code such as EUR"));
         }
     }
-    for field in ["order_id", "checkout_id", "customer_id", "source"] {
+    for field in ["order_id", "checkout_id", "source"] {
         optional_string(&data, field, MAX_ID_LEN)?;
+    }
+    let customer_id = optional_string(&data, "customer_id", MAX_ID_LEN)?;
+    if identity == IdentityKey::CustomerId && customer_id.is_none() {
+        return Err(bad(
+            "/data/customer_id",
+            "is required: leads are identified by customer id here (LEADFLOW_IDENTITY_KEY=customer_id)",
+        ));
     }
     match data.get("tags") {
         None | Some(Value::Null) => {}
@@ -163,6 +176,8 @@ pub fn parse_event(value: &Value) -> Result<LeadEvent, FieldError> {
         event_type,
         time,
         email,
+        customer_id,
+        identity,
         profile,
         data: Value::Object(data),
     })
@@ -263,12 +278,12 @@ mod tests {
 
     fn field_of(mut event: Value, edit: impl FnOnce(&mut Value)) -> String {
         edit(&mut event);
-        parse_event(&event).unwrap_err().field
+        parse_event(&event, IdentityKey::Email).unwrap_err().field
     }
 
     #[test]
     fn a_valid_event_is_normalised() {
-        let e = parse_event(&valid()).unwrap();
+        let e = parse_event(&valid(), IdentityKey::Email).unwrap();
         assert_eq!(e.email.as_str(), "ann@example.com");
         assert_eq!(e.profile.country.as_deref(), Some("DE"));
         assert_eq!(e.profile.language.as_deref(), Some("de-AT"));
@@ -326,5 +341,17 @@ mod tests {
             "/data/first_name"
         );
         assert_eq!(field_of(valid(), |e| e["id"] = json!("x".repeat(300))), "/id");
+    }
+
+    #[test]
+    fn keyed_by_customer_id_an_event_must_carry_it() {
+        let refused = parse_event(&valid(), IdentityKey::CustomerId).unwrap_err();
+        assert_eq!(refused.field, "/data/customer_id");
+        let mut event = valid();
+        event["data"]["customer_id"] = json!("  C-17 ");
+        let e = parse_event(&event, IdentityKey::CustomerId).unwrap();
+        assert_eq!(e.customer_id.as_deref(), Some("C-17"));
+        assert_eq!(e.identity, IdentityKey::CustomerId);
+        assert_eq!(parse_event(&valid(), IdentityKey::Email).unwrap().customer_id, None);
     }
 }

@@ -13,6 +13,7 @@ use leadflow_shared::http::Problem;
 use leadflow_shared::service::Context;
 
 use crate::events::{parse_event, LeadEvent};
+use crate::identity::Refused;
 use crate::{handoff, metrics, store};
 
 pub const SINGLE: &str = "application/cloudevents+json";
@@ -78,15 +79,19 @@ async fn accept(ctx: &Context, headers: &HeaderMap, body: &[u8]) -> Result<Respo
         let mut events = Vec::with_capacity(items.len());
         for (i, item) in items.iter().enumerate() {
             // Nothing of a batch is stored when one event is bad: the caller fixes it and resends the whole.
-            let event = parse_event(item)
+            let event = parse_event(item, ctx.config.leads.identity_key)
                 .map_err(|e| Problem::invalid_field(format!("/{i}{}", e.field), e.reason.clone()).with_index(i))?;
             events.push(event);
         }
         events
     } else {
-        vec![parse_event(&value).map_err(|e| Problem::invalid_field(e.field.clone(), e.reason.clone()))?]
+        vec![parse_event(&value, ctx.config.leads.identity_key)
+            .map_err(|e| Problem::invalid_field(e.field.clone(), e.reason.clone()))?]
     };
     let (accepted, duplicates) = store_and_hand_off(ctx, &events, "http").await.map_err(|e| {
+        if let Some(refused) = e.downcast_ref::<Refused>() {
+            return refused.problem(batch);
+        }
         tracing::error!(error = format!("{e:#}"), "failed to store events");
         Problem::unavailable("events could not be stored; retry later")
     })?;

@@ -6,6 +6,7 @@ pub mod consumer;
 pub mod events;
 pub mod handoff;
 pub mod http;
+pub mod identity;
 mod metrics;
 pub mod store;
 

@@ -1,5 +1,6 @@
-//! Storing accepted events: upsert the lead by email (a new lead gets its origin from the event), record the event
-//! on its timeline, open or touch the inquiry it is about, skip repeats.
+//! Storing accepted events: upsert the lead by email (a new lead gets its origin from the event; keyed on customer
+//! ids, [`identity`] first makes the email lead to the customer's lead), record the event on its timeline, open or
+//! touch the inquiry it is about, skip repeats.
 
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
@@ -7,6 +8,7 @@ use serde_json::Value;
 use leadflow_scheduler::enroll::Subject;
 
 use crate::events::LeadEvent;
+use crate::identity::{self, Refused};
 
 /// What storing a batch did.
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
@@ -17,13 +19,14 @@ pub struct Stored {
     pub duplicates: usize,
 }
 
-/// Stores every event in one transaction: all or nothing, durable when this returns.
+/// Stores every event in one transaction: all or nothing, durable when this returns. An event the stored leads
+/// do not allow fails the batch with a [`Refused`] naming its index.
 pub async fn store_events(pool: &Pool, events: &[LeadEvent]) -> anyhow::Result<Stored> {
     let mut client = pool.get().await?;
     let tx = client.transaction().await?;
     let mut stored = Stored::default();
-    for event in events {
-        match store_one(&tx, event).await? {
+    for (i, event) in events.iter().enumerate() {
+        match store_one(&tx, event).await.map_err(|e| Refused::locate(e, i))? {
             Some(id) => stored.new_event_ids.push(id),
             None => stored.duplicates += 1,
         }
@@ -43,6 +46,8 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     if seen.is_some() {
         return Ok(None);
     }
+    // Keyed on customer ids, the lead with the event's email becomes the customer's lead first.
+    let keyed = identity::prepare(tx, event).await?;
     let p = &event.profile;
     let attributes = Value::Object(p.attributes.clone());
     // New non-empty values win; absent ones leave the stored profile alone.
@@ -84,6 +89,7 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
         )
         .await?
         .get(0);
+    identity::claim(tx, keyed, lead_id, event).await?;
     let inserted = tx
         .query_opt(
             "INSERT INTO events (source, event_id, type, lead_id, data, occurred_at)

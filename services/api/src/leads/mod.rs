@@ -5,6 +5,7 @@
 //! Reading needs a key with the `read` scope, changes `write`, defining fields, statuses, sources and scoring rules
 //! `admin` (see [`crate::keys::Scope`]).
 
+pub mod identity;
 pub mod lists;
 pub mod profile;
 pub mod records;

@@ -17,10 +17,12 @@ use serde::Deserialize;
 use serde_json::{json, Map, Value};
 use tokio_postgres::error::SqlState;
 
+use leadflow_shared::config::IdentityKey;
 use leadflow_shared::domain::EmailAddress;
 use leadflow_shared::http::Problem;
 use leadflow_shared::suppression::{self, Reason};
 
+use super::identity;
 use super::profile::{self, Access, FieldError, Kind, ProfileInput, WriteError};
 use crate::auth::{Administrator, Reader, Writer};
 use crate::problem::{self, PathParams};
@@ -267,21 +269,8 @@ async fn as_addition(tx: &impl GenericClient, id: i64, input: &mut ProfileInput)
     Ok(())
 }
 
-/// `POST /v1/leads`: creates a lead from a profile object, or, when a lead has the email, adds what is new to it
-/// (200 with `existed: true`). An `inquiry` opens an inquiry (another product is a new inquiry on the same lead).
-pub async fn create(Writer(key): Writer, State(state): State<ApiState>, body: Bytes) -> Result<Response, Problem> {
-    let mut input = object_body(&body)?;
-    let inquiry = match input.remove("inquiry") {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(inquiry_input(value)?),
-    };
-    let email = profile::check_email(&input).map_err(FieldError::into_problem)?;
-    let mut client = problem::client(&state).await?;
-    let tx = client.transaction().await.map_err(internal("failed to begin"))?;
-    let defs = profile::custom_fields(&tx)
-        .await
-        .map_err(internal("failed to read the custom fields"))?;
-    let mut checked = profile::check_input(&input, &defs).map_err(FieldError::into_problem)?;
+/// The lead with `email`, locked, created when there is none; and whether it existed.
+async fn lead_by_email(tx: &impl GenericClient, email: &EmailAddress) -> Result<(i64, bool), Problem> {
     let inserted = tx
         .query_opt(
             "INSERT INTO leads (email) VALUES ($1) ON CONFLICT (email) DO NOTHING RETURNING id",
@@ -289,15 +278,51 @@ pub async fn create(Writer(key): Writer, State(state): State<ApiState>, body: By
         )
         .await
         .map_err(|e| db_problem("failed to create the lead", e))?;
-    let (id, existed) = match inserted {
-        Some(row) => (row.get::<_, i64>(0), false),
+    match inserted {
+        Some(row) => Ok((row.get(0), false)),
         None => {
             let row = tx
                 .query_one("SELECT id FROM leads WHERE email = $1 FOR UPDATE", &[&email.as_str()])
                 .await
                 .map_err(internal("failed to read the lead"))?;
-            (row.get(0), true)
+            Ok((row.get(0), true))
         }
+    }
+}
+
+/// `POST /v1/leads`: creates a lead from a profile object, or, when a lead has the email, adds what is new to it
+/// (200 with `existed: true`). An `inquiry` opens an inquiry (another product is a new inquiry on the same lead).
+/// Keyed on customer ids (`LEADFLOW_IDENTITY_KEY=customer_id`), `customer_id` is required and finds the lead, whose
+/// email follows the request's ([`identity::find_or_create`]).
+pub async fn create(Writer(key): Writer, State(state): State<ApiState>, body: Bytes) -> Result<Response, Problem> {
+    let mut input = object_body(&body)?;
+    let inquiry = match input.remove("inquiry") {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(inquiry_input(value)?),
+    };
+    let email = profile::check_email(&input).map_err(FieldError::into_problem)?;
+    let customer_id = match state.identity {
+        IdentityKey::Email => None,
+        IdentityKey::CustomerId => Some(identity::check_customer_id(&input).map_err(FieldError::into_problem)?),
+    };
+    let mut client = problem::client(&state).await?;
+    let tx = client.transaction().await.map_err(internal("failed to begin"))?;
+    let defs = profile::custom_fields(&tx)
+        .await
+        .map_err(internal("failed to read the custom fields"))?;
+    let mut checked = profile::check_input(&input, &defs).map_err(FieldError::into_problem)?;
+    let (id, existed) = match &customer_id {
+        // Keyed on customer ids: the customer's lead (its email following the request's), else a new one.
+        Some(customer_id) => {
+            let (id, created) = identity::find_or_create(&tx, customer_id, &email, &key.name)
+                .await
+                .map_err(|e| match e {
+                    identity::KeyError::Field(field) => field_problem(field),
+                    identity::KeyError::Failed(e) => problem::internal("failed to find the customer's lead", e),
+                })?;
+            (id, !created)
+        }
+        None => lead_by_email(&tx, &email).await?,
     };
     if existed {
         as_addition(&tx, id, &mut checked).await?;
@@ -407,6 +432,9 @@ pub async fn update(
         .await
         .map_err(internal("failed to read the custom fields"))?;
     let checked = profile::check_input(&input, &defs).map_err(FieldError::into_problem)?;
+    if state.identity == IdentityKey::CustomerId {
+        identity::check_keeps_customer_id(&checked).map_err(FieldError::into_problem)?;
+    }
     if checked.is_empty() {
         return Err(Problem::bad_request("nothing to change: give at least one field"));
     }

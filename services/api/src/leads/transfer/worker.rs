@@ -12,10 +12,14 @@ use std::time::Duration;
 use anyhow::Context as _;
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::{json, Value};
+
+use leadflow_shared::config::IdentityKey;
+use leadflow_shared::domain::EmailAddress;
 use tokio_util::sync::CancellationToken;
 
 use super::columns::{self, Columns};
 use super::sheet::{self, Fed, Format, Row};
+use crate::leads::identity::{self, KeyError};
 use crate::leads::profile::{self, CustomField, FieldError, WriteError};
 
 /// Rows imported per transaction (and per progress update).
@@ -25,10 +29,11 @@ const LEASE: &str = "2 minutes";
 /// How often an idle worker looks for a job.
 const POLL: Duration = Duration::from_millis(500);
 
-/// Runs jobs until shutdown; a job in progress stops after its current batch and is resumed later.
-pub async fn run(pool: Pool, shutdown: CancellationToken) -> anyhow::Result<()> {
+/// Runs jobs until shutdown; a job in progress stops after its current batch and is resumed later. `identity`
+/// (`LEADFLOW_IDENTITY_KEY`) says what finds a row's lead: its email, or its customer id.
+pub async fn run(pool: Pool, identity: IdentityKey, shutdown: CancellationToken) -> anyhow::Result<()> {
     while !shutdown.is_cancelled() {
-        let worked = match run_once(&pool, &shutdown).await {
+        let worked = match run_once(&pool, identity, &shutdown).await {
             Ok(worked) => worked,
             Err(e) => {
                 tracing::warn!(error = format!("{e:#}"), "import worker: will retry");
@@ -79,14 +84,14 @@ enum Ended {
 }
 
 /// Claims one waiting (or abandoned) job and runs it; `false` when there was none.
-pub async fn run_once(pool: &Pool, shutdown: &CancellationToken) -> anyhow::Result<bool> {
+pub async fn run_once(pool: &Pool, identity: IdentityKey, shutdown: &CancellationToken) -> anyhow::Result<bool> {
     let mut client = pool.get().await.context("failed to get a database connection")?;
     let Some(mut job) = claim(&client).await? else {
         return Ok(false);
     };
     let content = std::mem::take(&mut job.content);
     let mut lease = job.lease;
-    let ended = match import(&mut client, &job, content, &mut lease, shutdown).await {
+    let ended = match import(&mut client, &job, identity, content, &mut lease, shutdown).await {
         Ok(ended) => ended,
         Err(e) => {
             tracing::error!(job.id = job.id, error = format!("{e:#}"), "import failed");
@@ -175,11 +180,13 @@ struct Context<'a> {
     columns: Columns,
     defs: Vec<CustomField>,
     actor: String,
+    identity: IdentityKey,
 }
 
 async fn import(
     client: &mut deadpool_postgres::Client,
     job: &Job,
+    identity: IdentityKey,
     content: Vec<u8>,
     lease: &mut Lease,
     shutdown: &CancellationToken,
@@ -207,6 +214,14 @@ async fn import(
             "no column holds the email address: name one Email, or map it (mapping {\"<header>\": \"email\"})".into(),
         ));
     }
+    let has_customer_id = columns.targets.iter().flatten().any(|t| t.name() == "customer_id");
+    if identity == IdentityKey::CustomerId && !has_customer_id {
+        return Ok(Ended::Failed(
+            "no column holds the customer id, which identifies leads here (LEADFLOW_IDENTITY_KEY=customer_id): \
+             name one Customer ID, or map it (mapping {\"<header>\": \"customer_id\"})"
+                .into(),
+        ));
+    }
     let total = i32::try_from(total).unwrap_or(i32::MAX);
     client
         .execute(
@@ -220,6 +235,7 @@ async fn import(
         columns,
         defs,
         actor: format!("import #{}", job.id),
+        identity,
     };
     let mut counts = job.counts;
     loop {
@@ -311,12 +327,19 @@ async fn import_row(
         Ok(email) => email,
         Err(error) => return Ok(Outcome::Refused(error)),
     };
+    let customer_id = match context.identity {
+        IdentityKey::Email => None,
+        IdentityKey::CustomerId => match identity::check_customer_id(&input) {
+            Ok(customer_id) => Some(customer_id),
+            Err(error) => return Ok(Outcome::Refused(error)),
+        },
+    };
     let checked = match profile::check_input(&input, &context.defs) {
         Ok(checked) => checked,
         Err(error) => return Ok(Outcome::Refused(error)),
     };
     let savepoint = tx.transaction().await.context("failed to open a savepoint")?;
-    match upsert(&savepoint, context, email.as_str(), &checked).await {
+    match upsert(&savepoint, context, &email, customer_id.as_deref(), &checked).await {
         Ok(outcome) => {
             savepoint.commit().await.context("failed to release a savepoint")?;
             Ok(outcome)
@@ -343,35 +366,33 @@ impl From<WriteError> for Refusal {
     }
 }
 
+impl From<KeyError> for Refusal {
+    fn from(e: KeyError) -> Self {
+        match e {
+            KeyError::Field(error) => Self::Field(error),
+            KeyError::Failed(e) => Self::Failed(e.context("failed to find the customer's lead")),
+        }
+    }
+}
+
 impl From<tokio_postgres::Error> for Refusal {
     fn from(e: tokio_postgres::Error) -> Self {
         WriteError::from(e).into()
     }
 }
 
-/// Creates the lead or updates it (by email), records the change, adds it to the job's list and rescores it.
+/// Creates the lead or updates it (by email, or by `customer_id` when leads are keyed on it), records the change,
+/// adds it to the job's list and rescores it.
 async fn upsert(
     tx: &impl GenericClient,
     context: &Context<'_>,
-    email: &str,
+    email: &EmailAddress,
+    customer_id: Option<&str>,
     input: &profile::ProfileInput,
 ) -> Result<Outcome, Refusal> {
-    // Statements prepared once per connection: an import runs them for every row.
-    let found = tx
-        .prepare_cached(
-            "WITH new AS (INSERT INTO leads (email) VALUES ($1) ON CONFLICT (email) DO NOTHING RETURNING id)
-             SELECT id, true FROM new UNION ALL SELECT id, false FROM leads WHERE email = $1",
-        )
-        .await?;
-    let (lead_id, created): (i64, bool) = match tx.query_opt(&found, &[&email]).await? {
-        Some(row) => (row.get(0), row.get(1)),
-        // Created by another transaction after this statement's snapshot was taken.
-        None => (
-            tx.query_one("SELECT id FROM leads WHERE email = $1", &[&email])
-                .await?
-                .get(0),
-            false,
-        ),
+    let (lead_id, created) = match customer_id {
+        Some(customer_id) => identity::find_or_create(tx, customer_id, email, &context.actor).await?,
+        None => lead_by_email(tx, email.as_str()).await?,
     };
     let mut changes = profile::write(tx, lead_id, input).await?;
     if created {
@@ -389,7 +410,7 @@ async fn upsert(
             )
             .await?;
         tx.execute(&origin, &[&lead_id, &source]).await?;
-        changes.insert("email".into(), json!({"from": null, "to": email}));
+        changes.insert("email".into(), json!({"from": null, "to": email.as_str()}));
     }
     if created || !changes.is_empty() {
         let change = tx
@@ -408,4 +429,25 @@ async fn upsert(
         tx.execute(&member, &[&list_id, &lead_id]).await?;
     }
     Ok(if created { Outcome::Created } else { Outcome::Updated })
+}
+
+/// The lead with `email`, created when there is none; and whether it was created.
+async fn lead_by_email(tx: &impl GenericClient, email: &str) -> Result<(i64, bool), tokio_postgres::Error> {
+    // Prepared once per connection: an import runs it for every row.
+    let found = tx
+        .prepare_cached(
+            "WITH new AS (INSERT INTO leads (email) VALUES ($1) ON CONFLICT (email) DO NOTHING RETURNING id)
+             SELECT id, true FROM new UNION ALL SELECT id, false FROM leads WHERE email = $1",
+        )
+        .await?;
+    Ok(match tx.query_opt(&found, &[&email]).await? {
+        Some(row) => (row.get(0), row.get(1)),
+        // Created by another transaction after this statement's snapshot was taken.
+        None => (
+            tx.query_one("SELECT id FROM leads WHERE email = $1", &[&email])
+                .await?
+                .get(0),
+            false,
+        ),
+    })
 }
