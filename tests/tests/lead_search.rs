@@ -255,6 +255,8 @@ async fn seed(app: &TestApp) {
          SELECT id, 'checkout:b1', 'stopped', 'bounced', 'o-777' FROM leads WHERE email = 'bob@initech.test'
          UNION ALL
          SELECT id, 'order:d1', 'completed', 'sent', 'o-900' FROM leads WHERE email = 'dan@example.test';
+         UPDATE leads SET contact_method = 'Telephone' WHERE email = 'bob@initech.test';
+         UPDATE leads SET customer_id = 'C-7' WHERE email = 'eve@globex.test';
          INSERT INTO campaigns (name, status) VALUES ('spring', 'inactive');
          INSERT INTO enrollments (lead_id, campaign_id, subject, status)
          SELECT l.id, c.id, 'manual', 'completed' FROM leads l, campaigns c
@@ -362,6 +364,8 @@ async fn each_filter_returns_exactly_the_leads_it_describes() {
         (vec![("source", "Bing")], vec!["bob@initech.test"]),
         (vec![("original_source", "web form")], vec!["dan@example.test"]),
         (vec![("status", "Inactive")], vec!["carla@acme.test"]),
+        (vec![("contact_method", "Telephone")], vec!["bob@initech.test"]),
+        (vec![("customer_id", "C-7")], vec!["eve@globex.test"]),
         (
             vec![("profession", "ENGINEER")],
             vec!["anna@acme.test", "carla@acme.test"],
