@@ -39,7 +39,8 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     // Cheap repeat check first, so a replayed event does not touch the lead.
     let seen = tx
         .query_opt(
-            "SELECT 1 FROM events WHERE source = $1 AND event_id = $2",
+            &tx.prepare_cached("SELECT 1 FROM events WHERE source = $1 AND event_id = $2")
+                .await?,
             &[&event.source, &event.id],
         )
         .await?;
@@ -57,7 +58,8 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     // The origin (source, its category, search keyword) is written when the lead is created, never on a repeat.
     let lead_id: i64 = tx
         .query_one(
-            "WITH origin AS (SELECT name, category FROM lead_sources WHERE name = ANY ($9::text[])
+            &tx.prepare_cached(
+                "WITH origin AS (SELECT name, category FROM lead_sources WHERE name = ANY ($9::text[])
                               ORDER BY array_position($9::text[], name) LIMIT 1)
              INSERT INTO leads (email, first_name, last_name, phones, country, language, timezone, attributes,
                                 source, original_source, original_source_category, search_keyword)
@@ -74,6 +76,8 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
                  attributes = leads.attributes || EXCLUDED.attributes,
                  updated_at = now()
              RETURNING id",
+            )
+            .await?,
             &[
                 &event.email.as_str(),
                 &p.first_name,
@@ -92,10 +96,13 @@ async fn store_one(tx: &impl GenericClient, event: &LeadEvent) -> anyhow::Result
     identity::claim(tx, keyed, lead_id, event).await?;
     let inserted = tx
         .query_opt(
-            "INSERT INTO events (source, event_id, type, lead_id, data, occurred_at)
+            &tx.prepare_cached(
+                "INSERT INTO events (source, event_id, type, lead_id, data, occurred_at)
              VALUES ($1, $2, $3, $4, $5, $6)
              ON CONFLICT (source, event_id) DO NOTHING
              RETURNING id",
+            )
+            .await?,
             &[
                 &event.source,
                 &event.id,
@@ -129,13 +136,16 @@ async fn record_inquiry(tx: &impl GenericClient, lead_id: i64, event_id: i64, ev
         .and_then(Value::as_str)
         .filter(|n| !n.is_empty());
     tx.execute(
-        "INSERT INTO inquiries (lead_id, subject, product_sku, product_name, lead_source, event_id)
+        &tx.prepare_cached(
+            "INSERT INTO inquiries (lead_id, subject, product_sku, product_name, lead_source, event_id)
          VALUES ($1, $2, $3, $4, $5, $6)
          ON CONFLICT (lead_id, subject) DO UPDATE SET
              product_sku  = coalesce(inquiries.product_sku, EXCLUDED.product_sku),
              product_name = coalesce(inquiries.product_name, EXCLUDED.product_name),
              status       = CASE WHEN inquiries.status = 'New' THEN 'Started' ELSE inquiries.status END,
              updated_at   = now()",
+        )
+        .await?,
         &[
             &lead_id,
             &key,

@@ -52,10 +52,13 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
     // The row lock makes two schedulers handling the same event take turns; the second sees it handled.
     let Some(row) = tx
         .query_opt(
-            "SELECT e.type, e.lead_id, e.data, l.suppressed_reason, l.email
+            &tx.prepare_cached(
+                "SELECT e.type, e.lead_id, e.data, l.suppressed_reason, l.email
              FROM events e JOIN leads l ON l.id = e.lead_id
              WHERE e.id = $1 AND e.handled_at IS NULL
              FOR UPDATE OF e",
+            )
+            .await?,
             &[&id],
         )
         .await?
@@ -106,8 +109,12 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
         }
         _ => {}
     }
-    tx.execute("UPDATE events SET handled_at = now() WHERE id = $1", &[&id])
-        .await?;
+    tx.execute(
+        &tx.prepare_cached("UPDATE events SET handled_at = now() WHERE id = $1")
+            .await?,
+        &[&id],
+    )
+    .await?;
     metrics::event_handled(&event_type);
     Ok(h)
 }
@@ -177,7 +184,8 @@ async fn enroll(
     let min_delay = settings::min_delay(tx, source).await?.as_secs_f64();
     let campaigns = tx
         .query(
-            "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list
+            &tx.prepare_cached(
+                "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list
              FROM campaigns c JOIN leads l ON l.id = $2
              WHERE c.status = 'active'
                AND (c.lead_source IS NULL OR c.lead_source = $1)
@@ -190,6 +198,8 @@ async fn enroll(
                                WHERE s.email_hash = encode(sha256(convert_to(l.email, 'UTF8')), 'hex')
                                  AND (s.campaign_id IS NULL OR s.campaign_id = c.id))
              ORDER BY c.id",
+            )
+            .await?,
             &[&source.as_str(), &lead_id, &subject.product_sku],
         )
         .await?;
@@ -212,7 +222,10 @@ async fn enroll(
         } else {
             let variants: Vec<(String, i32)> = tx
                 .query(
-                    "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
+                    &tx.prepare_cached(
+                        "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
+                    )
+                    .await?,
                     &[&campaign_id],
                 )
                 .await?
@@ -223,11 +236,14 @@ async fn enroll(
         };
         let inserted = tx
             .query_opt(
-                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
+                &tx.prepare_cached(
+                    "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
                                           product_sku, variant, holdout)
                  VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
                  ON CONFLICT (lead_id, campaign_id, subject) DO NOTHING
                  RETURNING id",
+                )
+                .await?,
                 &[
                     &lead_id,
                     &campaign_id,
@@ -259,13 +275,16 @@ async fn enroll(
             continue; // the holdout group receives nothing; its purchases measure the campaign's lift
         };
         tx.execute(
-            "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at, variant)
+            &tx.prepare_cached(
+                "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at, variant)
              SELECT $1, $2, $3, s.step,
                     now() + make_interval(secs => (sum(CASE WHEN s.step = 1 THEN greatest(s.delay_seconds::float8, $4)
                                                             ELSE s.delay_seconds::float8 END)
                                                    OVER (ORDER BY s.step))),
                     s.variant
              FROM campaign_steps s WHERE s.campaign_id = $3 AND s.variant = $5",
+            )
+            .await?,
             &[&enrollment_id, &lead_id, &campaign_id, &min_delay, &variant],
         )
         .await?;
