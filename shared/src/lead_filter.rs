@@ -104,6 +104,8 @@ enum Condition {
     To(&'static str, DateTime<Utc>, bool),
     /// A case-insensitive substring of an expression, pre-filtered through the search-text trigram index.
     Contains(&'static str, String),
+    /// Free text: every word a case-insensitive substring of the search text.
+    Words(Vec<String>),
     /// A case-insensitive substring of a column without the index (address).
     ContainsPlain(&'static str, String),
     EmailExact(String),
@@ -332,7 +334,13 @@ fn parse(key: &'static str, raw: &str) -> Result<Condition, FilterError> {
             raw.to_string(),
         ),
         "company" => Condition::Contains("lower(coalesce(l.company_name, ''))", raw.to_string()),
-        "q" => Condition::Contains(SEARCH_TEXT, raw.to_string()),
+        "q" => {
+            let words: Vec<String> = raw.split_whitespace().map(str::to_string).collect();
+            if words.len() > 10 {
+                return Err(FilterError::new(key, "has more than 10 words"));
+            }
+            Condition::Words(words)
+        }
         "email" if raw.contains('@') => Condition::EmailExact(raw.to_lowercase()),
         "email" => Condition::Contains("l.email", raw.to_lowercase()),
         "address" => Condition::ContainsPlain("l.address", raw.to_string()),
@@ -476,12 +484,15 @@ impl SqlBuilder {
             }
             Condition::Contains(expr, text) => {
                 let p = self.bind(Box::new(like_pattern(text)));
-                if *expr == SEARCH_TEXT {
-                    format!("{SEARCH_TEXT} LIKE lower({p})")
-                } else {
-                    // The search text contains every such expression, so its trigram index narrows the rows first.
-                    format!("({SEARCH_TEXT} LIKE lower({p}) AND {expr} LIKE lower({p}))")
-                }
+                // The search text contains every such expression, so its trigram index narrows the rows first.
+                format!("({SEARCH_TEXT} LIKE lower({p}) AND {expr} LIKE lower({p}))")
+            }
+            Condition::Words(words) => {
+                let parts: Vec<String> = words
+                    .iter()
+                    .map(|w| format!("{SEARCH_TEXT} LIKE lower({})", self.bind(Box::new(like_pattern(w)))))
+                    .collect();
+                format!("({})", parts.join(" AND "))
             }
             Condition::ContainsPlain(column, text) => {
                 format!(

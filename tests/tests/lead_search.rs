@@ -402,6 +402,9 @@ async fn each_filter_returns_exactly_the_leads_it_describes() {
         ),
         (vec![("q", "berlin")], vec!["anna@acme.test", "carla@acme.test"]),
         (vec![("q", "initech")], vec!["bob@initech.test"]),
+        // Every word of q, anywhere in name, email, company and city.
+        (vec![("q", "berlin  anna")], vec!["anna@acme.test"]),
+        (vec![("q", "acme schmidt")], vec!["anna@acme.test", "carla@acme.test"]),
         (vec![("is_customer", "true")], vec!["anna@acme.test"]),
         (vec![("do_not_call", "yes")], vec!["bob@initech.test"]),
         (vec![("language", "de")], vec!["anna@acme.test", "bob@initech.test"]),
