@@ -7,7 +7,9 @@
 //!                                         --sender-----> <ns>.sender
 //! <ns>.bounces (fanout, an MTA pipe publishes raw bounce/complaint reports) --> <ns>.ingest.bounces
 //! <ns>.dead   (direct, poison messages)   --<queue>----> <queue>.dead
+//! <ns>.lead-events (topic, outbound: what leadflow tells other systems, key = event type such as lead.hot)
 //! ```
+//! Nothing of leadflow consumes `<ns>.lead-events`: other systems bind their own queues to it.
 //! Every work queue dead-letters to `<ns>.dead` with its own name as routing key, so a rejected message lands in
 //! the dead-letter queue beside it.
 
@@ -85,6 +87,12 @@ impl Topology {
         format!("{}.bounces", self.namespace)
     }
 
+    /// The topic exchange leadflow publishes lead events to (routing key = event type, e.g. `lead.hot`), for
+    /// other systems to bind their queues to. Outbound only: ingest consumes [`Self::events_exchange`], never this.
+    pub fn lead_events_exchange(&self) -> String {
+        format!("{}.lead-events", self.namespace)
+    }
+
     /// The direct exchange poison messages are published to.
     pub fn dead_exchange(&self) -> String {
         format!("{}.dead", self.namespace)
@@ -110,6 +118,8 @@ impl Topology {
             (self.work_exchange(), ExchangeKind::Direct),
             (self.dead_exchange(), ExchangeKind::Direct),
             (self.bounces_exchange(), ExchangeKind::Fanout),
+            // Topic: a subscriber binds `lead.hot` or `lead.#` and gets only what it asked for.
+            (self.lead_events_exchange(), ExchangeKind::Topic),
         ] {
             channel
                 .exchange_declare(name.as_str().into(), kind, durable, FieldTable::default())
@@ -201,5 +211,6 @@ mod tests {
         assert_eq!(t.dead_queue(WorkQueue::Renderer), "shop1.renderer.dead");
         assert_eq!(t.bounces_exchange(), "shop1.bounces");
         assert_eq!(t.queue(WorkQueue::IngestBounces), "shop1.ingest.bounces");
+        assert_eq!(t.lead_events_exchange(), "shop1.lead-events");
     }
 }

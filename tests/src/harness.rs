@@ -265,6 +265,7 @@ async fn delete_namespace(config: &AmqpConfig) {
             topology.work_exchange(),
             topology.dead_exchange(),
             topology.bounces_exchange(),
+            topology.lead_events_exchange(),
         ] {
             let _ = channel
                 .exchange_delete(name.as_str().into(), ExchangeDeleteOptions::default())

@@ -6,6 +6,7 @@ pub mod campaigns;
 pub mod codes;
 pub mod consumer;
 pub mod enroll;
+pub mod lead_events;
 mod metrics;
 pub mod notify;
 pub mod results;
@@ -24,5 +25,6 @@ pub fn service(ctx: &Context, shutdown: CancellationToken) -> Service {
         .task("timer", timer::run(ctx.clone(), shutdown.clone()))
         .task("notify", notify::run(ctx.clone(), shutdown.clone()))
         .task("scoring", scoring::run(ctx.clone(), shutdown.clone()))
+        .task("lead-events", lead_events::run(ctx.clone(), shutdown.clone()))
         .task("results", results::run(ctx.clone(), shutdown))
 }

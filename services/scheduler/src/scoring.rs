@@ -12,7 +12,8 @@
 //! - The score is stored as of `score_at`; every change first decays it to now (a `decay` ledger row when the
 //!   change is material) and [`decay_once`] sweeps all scores periodically. Time is a parameter so tests need not
 //!   wait.
-//! - Crossing the hot threshold from below stores a `lead.hot` event on the lead's timeline and queues the instant
+//! - Crossing the hot threshold from below stores a `lead.hot` event on the lead's timeline, queues `lead.hot` for
+//!   the `<ns>.lead-events` exchange ([`crate::lead_events`], an outbox published after the commit) and the instant
 //!   lead notification (`lead_hot`) for every campaign with a `notify_url` the lead is enrolled in.
 
 use std::time::Duration;
@@ -28,7 +29,7 @@ use leadflow_shared::domain::EventType;
 use leadflow_shared::service::Context;
 use leadflow_shared::settings::{self, Scoring};
 
-use crate::notify;
+use crate::{lead_events, notify};
 
 /// Points a rule may give (or take).
 pub const MAX_POINTS: f64 = 100.0;
@@ -699,8 +700,9 @@ async fn ledger(
     row.map(|r| r.try_get(0)).transpose().map_err(Into::into)
 }
 
-/// The hot transition: a `lead.hot` event on the timeline (already handled: nothing enrolls on it) and the
-/// `lead_hot` instant notification for each campaign with a `notify_url` the lead is enrolled in.
+/// The hot transition: a `lead.hot` event on the timeline (already handled: nothing enrolls on it), the same
+/// event queued for the lead-events exchange (once: only when the timeline event is new), and the `lead_hot`
+/// instant notification for each campaign with a `notify_url` the lead is enrolled in.
 async fn became_hot(
     tx: &impl GenericClient,
     lead_id: i64,
@@ -712,14 +714,19 @@ async fn became_hot(
 ) -> anyhow::Result<()> {
     let event_id = format!("hot-{lead_id}-{}", ledger_id.unwrap_or_default());
     let data = json!({ "score": score, "hot_threshold": scoring.hot, "previous_temperature": was });
-    tx.execute(
-        "INSERT INTO events (source, event_id, type, lead_id, data, occurred_at, handled_at)
-         VALUES ('leadflow', $1, 'lead.hot', $2, $3, $4, now())
-         ON CONFLICT (source, event_id) DO NOTHING",
-        &[&event_id, &lead_id, &data, &now],
-    )
-    .await
-    .context("failed to record the lead.hot event")?;
+    let recorded = tx
+        .query_opt(
+            "INSERT INTO events (source, event_id, type, lead_id, data, occurred_at, handled_at)
+             VALUES ('leadflow', $1, 'lead.hot', $2, $3, $4, now())
+             ON CONFLICT (source, event_id) DO NOTHING
+             RETURNING id",
+            &[&event_id, &lead_id, &data, &now],
+        )
+        .await
+        .context("failed to record the lead.hot event")?;
+    if recorded.is_some() {
+        lead_events::enqueue_hot(tx, lead_id, &event_id, score, was, scoring.hot, now).await?;
+    }
     let enrollments = tx
         .query(
             "SELECT DISTINCT ON (e.campaign_id) e.id
