@@ -15,7 +15,7 @@ use leadflow_shared::messages::WorkMessage;
 use leadflow_shared::service::Context;
 use leadflow_shared::topology::WorkQueue;
 
-use crate::{enroll, metrics};
+use crate::{enroll, metrics, timer};
 
 /// The most messages taken together (each carries up to a request's batch of event ids).
 const MESSAGES_PER_BATCH: usize = 64;
@@ -68,7 +68,10 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
     for group in groups {
         let ids: Vec<i64> = group.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
         match enroll::handle_events(&ctx.pool, &ids).await {
-            Ok(_) => {
+            Ok(handled) => {
+                if handled.enrollments > 0 {
+                    timer::wake();
+                }
                 for (i, _) in &group {
                     outcomes[*i] = Some(Outcome::Ack);
                 }
@@ -82,7 +85,12 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
                 );
                 for (i, ids) in &group {
                     outcomes[*i] = Some(match enroll::handle_events(&ctx.pool, ids).await {
-                        Ok(_) => Outcome::Ack,
+                        Ok(handled) => {
+                            if handled.enrollments > 0 {
+                                timer::wake();
+                            }
+                            Outcome::Ack
+                        }
                         Err(e) => Outcome::Retry(e),
                     });
                 }
