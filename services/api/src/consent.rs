@@ -269,18 +269,29 @@ pub async fn suppress_in(
     note: Option<&str>,
 ) -> anyhow::Result<suppression::Suppressed> {
     let done = suppression::suppress(tx, email, reason, source, campaign_id, note).await?;
-    if let Some(kind) = notify::Kind::for_reason(reason.as_str()) {
-        for id in &done.ended_enrollments {
-            notify::enqueue(
-                tx,
-                notify::About::Enrollment(*id),
-                kind,
-                json!({ "reason": reason.as_str(), "source": source }),
-            )
-            .await?;
-        }
+    for id in &done.ended_enrollments {
+        notify_ended(tx, reason, source, *id).await?;
     }
     Ok(done)
+}
+
+/// Queues the notification of a sequence a suppression ended (for campaigns that notify on it).
+pub async fn notify_ended(
+    tx: &impl GenericClient,
+    reason: Reason,
+    source: &str,
+    enrollment: i64,
+) -> anyhow::Result<()> {
+    if let Some(kind) = notify::Kind::for_reason(reason.as_str()) {
+        notify::enqueue(
+            tx,
+            notify::About::Enrollment(enrollment),
+            kind,
+            json!({ "reason": reason.as_str(), "source": source }),
+        )
+        .await?;
+    }
+    Ok(())
 }
 
 async fn entry(

@@ -603,21 +603,14 @@ async fn carry_suppressions(
     to: &EmailAddress,
     why: &str,
 ) -> Result<(), Problem> {
-    let rows = tx
-        .query(
-            "SELECT reason, campaign_id, note FROM suppressions WHERE email_hash = $1",
-            &[&suppression::email_hash(from)],
-        )
+    let ended = suppression::carry_over(tx, from, to, why)
         .await
-        .map_err(internal("failed to read the suppressions"))?;
-    for row in rows {
-        let reason: String = row.get(0);
-        let Some(reason) = Reason::parse(&reason) else { continue };
-        let campaign_id: Option<i64> = row.get(1);
-        let note: Option<String> = row.get(2);
-        consent::suppress_in(tx, to, reason, why, campaign_id, note.as_deref())
+        .map_err(|e| problem::internal("failed to carry the suppressions over", e))?;
+    // As with any suppression made over the API: the sequences it ends are notified.
+    for (reason, enrollment) in ended {
+        consent::notify_ended(tx, reason, why, enrollment)
             .await
-            .map_err(|e| problem::internal("failed to carry the suppressions over", e))?;
+            .map_err(|e| problem::internal("failed to queue the notification", e))?;
     }
     Ok(())
 }
