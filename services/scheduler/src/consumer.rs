@@ -2,9 +2,13 @@
 //!
 //! Every message ready at once is taken together and their events handled in few transactions (about
 //! [`EVENTS_PER_TRANSACTION`] events each, in id order): one commit for many events instead of one per event.
-//! When such a transaction fails, each of its messages is tried alone, so only a message that fails by itself is
-//! put back.
+//! The events of such a group are split by lead into [`LANES`] lanes handled at once, each lane in its own
+//! transaction on its own connection: one lead's events stay in one lane, in id order, and lanes share no lead,
+//! so they never wait on each other's locks. When a group fails, each of its messages is tried alone, so only a
+//! message that fails by itself is put back (lanes that committed are skipped when it comes back: their events
+//! are marked handled).
 
+use std::collections::HashMap;
 use std::time::Instant;
 
 use lapin::message::Delivery;
@@ -22,6 +26,9 @@ const MESSAGES_PER_BATCH: usize = 64;
 
 /// Events handled in one transaction when several messages are taken together.
 pub const EVENTS_PER_TRANSACTION: usize = 500;
+
+/// Transactions (connections) a group of events is spread over, by lead.
+const LANES: usize = 4;
 
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
@@ -67,7 +74,7 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
     }
     for group in groups {
         let ids: Vec<i64> = group.iter().flat_map(|(_, ids)| ids.iter().copied()).collect();
-        match enroll::handle_events(&ctx.pool, &ids).await {
+        match handle_in_lanes(ctx, &ids).await {
             Ok(handled) => {
                 if handled.enrollments > 0 {
                     timer::wake();
@@ -84,7 +91,7 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
                     "a batch of events failed; handling its messages one by one"
                 );
                 for (i, ids) in &group {
-                    outcomes[*i] = Some(match enroll::handle_events(&ctx.pool, ids).await {
+                    outcomes[*i] = Some(match handle_in_lanes(ctx, ids).await {
                         Ok(handled) => {
                             if handled.enrollments > 0 {
                                 timer::wake();
@@ -108,4 +115,42 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
             (delivery, outcome)
         })
         .collect()
+}
+
+/// Handles `ids` in up to [`LANES`] transactions at once, split by lead (events in id order within a lane).
+async fn handle_in_lanes(ctx: &Context, ids: &[i64]) -> anyhow::Result<enroll::Handled> {
+    if ids.len() < 2 * LANES {
+        return enroll::handle_events(&ctx.pool, ids).await;
+    }
+    let leads: HashMap<i64, i64> = ctx
+        .pool
+        .get()
+        .await?
+        .query("SELECT id, lead_id FROM events WHERE id = ANY ($1)", &[&ids])
+        .await?
+        .iter()
+        .map(|row| (row.get(0), row.get(1)))
+        .collect();
+    let mut lanes: Vec<Vec<i64>> = vec![Vec::new(); LANES];
+    for id in ids {
+        // An id with no event row goes to lane 0, which finds nothing to do.
+        let lane = leads.get(id).map_or(0, |lead| lead.rem_euclid(LANES as i64) as usize);
+        lanes[lane].push(*id);
+    }
+    let results = futures_util::future::join_all(
+        lanes
+            .iter()
+            .filter(|lane| !lane.is_empty())
+            .map(|lane| enroll::handle_events(&ctx.pool, lane)),
+    )
+    .await;
+    let mut total = enroll::Handled::default();
+    for result in results {
+        let h = result?;
+        total.enrollments += h.enrollments;
+        total.cancelled_deliveries += h.cancelled_deliveries;
+        total.conversions += h.conversions;
+        total.skipped += h.skipped;
+    }
+    Ok(total)
 }
