@@ -22,11 +22,27 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
     (9, "scoring", include_str!("../migrations/0009_scoring.sql")),
     (10, "search", include_str!("../migrations/0010_search.sql")),
     (11, "imports", include_str!("../migrations/0011_imports.sql")),
-    (12, "lead_behaviour", include_str!("../migrations/0012_lead_behaviour.sql")),
-    (13, "scoring_rules", include_str!("../migrations/0013_scoring_rules.sql")),
-    (14, "search_indexes", include_str!("../migrations/0014_search_indexes.sql")),
+    (
+        12,
+        "lead_behaviour",
+        include_str!("../migrations/0012_lead_behaviour.sql"),
+    ),
+    (
+        13,
+        "scoring_rules",
+        include_str!("../migrations/0013_scoring_rules.sql"),
+    ),
+    (
+        14,
+        "search_indexes",
+        include_str!("../migrations/0014_search_indexes.sql"),
+    ),
     (15, "import_jobs", include_str!("../migrations/0015_import_jobs.sql")),
-    (16, "lead_events_outbox", include_str!("../migrations/0016_lead_events_outbox.sql")),
+    (
+        16,
+        "lead_events_outbox",
+        include_str!("../migrations/0016_lead_events_outbox.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.

@@ -352,9 +352,18 @@ mod tests {
 
     #[test]
     fn scoring_settings_take_a_half_life_or_off_and_numeric_thresholds() {
-        assert_eq!(parse_value(SCORING_HALF_LIFE, "720h").unwrap(), Value::String("30d".into()));
-        assert_eq!(parse_value(SCORING_HALF_LIFE, "off").unwrap(), Value::String("off".into()));
-        assert_eq!(parse_value(SCORING_HALF_LIFE, "0").unwrap(), Value::String("off".into()));
+        assert_eq!(
+            parse_value(SCORING_HALF_LIFE, "720h").unwrap(),
+            Value::String("30d".into())
+        );
+        assert_eq!(
+            parse_value(SCORING_HALF_LIFE, "off").unwrap(),
+            Value::String("off".into())
+        );
+        assert_eq!(
+            parse_value(SCORING_HALF_LIFE, "0").unwrap(),
+            Value::String("off".into())
+        );
         assert!(parse_value(SCORING_HALF_LIFE, "soon").is_err());
         assert_eq!(parse_value(SCORING_HOT, " 60 ").unwrap(), Value::from(60.0));
         assert_eq!(parse_value(SCORING_WARM, "12.5").unwrap(), Value::from(12.5));
