@@ -185,7 +185,8 @@ async fn enroll(
     let campaigns = tx
         .query(
             &tx.prepare_cached(
-                "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list
+                "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list,
+                        c.notify_url IS NOT NULL
              FROM campaigns c JOIN leads l ON l.id = $2
              WHERE c.status = 'active'
                AND (c.lead_source IS NULL OR c.lead_source = $1)
@@ -209,6 +210,8 @@ async fn enroll(
         let holdout_percent: i16 = campaign.get(1);
         let winner: Option<String> = campaign.get(2);
         let audience: Option<i64> = campaign.get(3);
+        // Only a campaign with a notification URL hears of enrollments: no look-up per enrollment otherwise.
+        let notifies: bool = campaign.get(4);
         if let Some(list_id) = audience {
             if !in_audience(tx, list_id, lead_id).await? {
                 continue;
@@ -264,13 +267,15 @@ async fn enroll(
         let enrollment_id: i64 = enrollment.get(0);
         enrolled += 1;
         metrics::enrolled();
-        notify::enqueue(
-            tx,
-            notify::About::Enrollment(enrollment_id),
-            notify::Kind::Enrolled,
-            serde_json::json!({ "holdout": holdout }),
-        )
-        .await?;
+        if notifies {
+            notify::enqueue(
+                tx,
+                notify::About::Enrollment(enrollment_id),
+                notify::Kind::Enrolled,
+                serde_json::json!({ "holdout": holdout }),
+            )
+            .await?;
+        }
         let Some(variant) = variant else {
             continue; // the holdout group receives nothing; its purchases measure the campaign's lift
         };
