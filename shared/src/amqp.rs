@@ -196,6 +196,34 @@ where
     consume_concurrently(connection, publisher, queue, prefetch, 1, shutdown, handle).await
 }
 
+/// Opens a channel with a bounded prefetch and starts consuming `queue` on it: the queue's name, the channel (to
+/// settle deliveries on and close) and the consumer.
+async fn open_consumer(
+    connection: &Connection,
+    publisher: &Publisher,
+    queue: WorkQueue,
+    prefetch: u16,
+) -> anyhow::Result<(String, lapin::Channel, lapin::Consumer)> {
+    let name = publisher.topology().queue(queue);
+    let channel = connection.create_channel().await.context("failed to open a channel")?;
+    // Bounded prefetch: a consumer never holds more unacked work than it can finish during shutdown.
+    channel
+        .basic_qos(prefetch, BasicQosOptions::default())
+        .await
+        .context("failed to set prefetch")?;
+    let tag = format!("{}-{}", queue.suffix(), uuid::Uuid::new_v4());
+    let consumer = channel
+        .basic_consume(
+            name.as_str().into(),
+            tag.as_str().into(),
+            BasicConsumeOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .with_context(|| format!("failed to consume {name}"))?;
+    Ok((name, channel, consumer))
+}
+
 /// Consumes `queue` until `shutdown`, handling up to `parallel` deliveries at once (the handlers must not depend
 /// on each other's order); each delivery is acked only after its `handle` returned. On shutdown no new delivery
 /// is taken and the ones being handled are finished and settled first.
@@ -212,23 +240,7 @@ where
     F: FnMut(Delivery) -> Fut,
     Fut: Future<Output = (Delivery, Outcome)>,
 {
-    let name = publisher.topology().queue(queue);
-    let channel = connection.create_channel().await.context("failed to open a channel")?;
-    // Bounded prefetch: a consumer never holds more unacked work than it can finish during shutdown.
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("failed to set prefetch")?;
-    let tag = format!("{}-{}", queue.suffix(), uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("failed to consume {name}"))?;
+    let (name, channel, mut consumer) = open_consumer(connection, publisher, queue, prefetch).await?;
     tracing::info!(queue = %name, parallel, "consuming");
     let parallel = parallel.max(1);
     let mut handling = FuturesUnordered::new();
@@ -265,7 +277,7 @@ where
         }
     }
     let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
     let _ = channel.close(200, "shutdown".into()).await;
     tracing::info!(queue = %name, "stopped consuming");
@@ -289,22 +301,7 @@ where
     F: FnMut(Vec<Delivery>) -> Fut,
     Fut: Future<Output = Vec<(Delivery, Outcome)>>,
 {
-    let name = publisher.topology().queue(queue);
-    let channel = connection.create_channel().await.context("failed to open a channel")?;
-    channel
-        .basic_qos(prefetch, BasicQosOptions::default())
-        .await
-        .context("failed to set prefetch")?;
-    let tag = format!("{}-{}", queue.suffix(), uuid::Uuid::new_v4());
-    let mut consumer = channel
-        .basic_consume(
-            name.as_str().into(),
-            tag.as_str().into(),
-            BasicConsumeOptions::default(),
-            FieldTable::default(),
-        )
-        .await
-        .with_context(|| format!("failed to consume {name}"))?;
+    let (name, channel, mut consumer) = open_consumer(connection, publisher, queue, prefetch).await?;
     tracing::info!(queue = %name, max, "consuming in batches");
     let delivered = |next: Option<Result<Delivery, lapin::Error>>| -> anyhow::Result<Delivery> {
         match next {
@@ -346,7 +343,7 @@ where
         }
     }
     let _ = channel
-        .basic_cancel(tag.as_str().into(), BasicCancelOptions::default())
+        .basic_cancel(consumer.tag(), BasicCancelOptions::default())
         .await;
     let _ = channel.close(200, "shutdown".into()).await;
     tracing::info!(queue = %name, "stopped consuming");
