@@ -797,6 +797,35 @@ impl TestApp {
         }
     }
 
+    /// Runs the `leadflow` command `args` to its end with this app's configuration, against this app's API
+    /// presenting `key` (the `leads` and `lists` commands go through the API); returns whether it succeeded, its
+    /// standard output and its standard error. `exe` is the test binary's `env!("CARGO_BIN_EXE_leadflow-under-test")`.
+    pub async fn run_leadflow(&self, exe: &str, key: Option<&str>, args: &[&str]) -> (bool, String, String) {
+        let mut command = tokio::process::Command::new(exe);
+        command.args(args).stdin(Stdio::null()).kill_on_drop(true);
+        for (name, _) in std::env::vars() {
+            if name.starts_with("LEADFLOW_") {
+                command.env_remove(name);
+            }
+        }
+        for (name, value) in &self.env {
+            command.env(name, value);
+        }
+        command.env("LEADFLOW_API_URL", self.url(""));
+        if let Some(key) = key {
+            command.env("LEADFLOW_API_KEY", key);
+        }
+        let out = tokio::time::timeout(DEADLINE, command.output())
+            .await
+            .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
+            .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     /// Runs `leadflow <args>` (e.g. `run sender`) as a separate process with this app's configuration.
     /// `exe` is the test binary's `env!("CARGO_BIN_EXE_leadflow-under-test")`.
     pub fn spawn_process(&self, exe: &str, args: &[&str]) -> ServiceProcess {

@@ -3,7 +3,6 @@
 //! (list, add, resubscribe with a reason, import), and a lead's export and erasure.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 
 use reqwest::header::CONTENT_TYPE;
 use reqwest::Method;
@@ -742,29 +741,7 @@ async fn leadflow(app: &TestApp, args: &[&str]) -> (bool, String, String) {
 
 /// Runs the `leadflow` command against the test's API, presenting `key` (the `leads` commands go through the API).
 async fn leadflow_as(app: &TestApp, key: Option<&str>, args: &[&str]) -> (bool, String, String) {
-    let mut command = tokio::process::Command::new(LEADFLOW);
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    for (key, _) in std::env::vars() {
-        if key.starts_with("LEADFLOW_") {
-            command.env_remove(key);
-        }
-    }
-    for (key, value) in app.env() {
-        command.env(key, value);
-    }
-    command.env("LEADFLOW_API_URL", app.url(""));
-    if let Some(key) = key {
-        command.env("LEADFLOW_API_KEY", key);
-    }
-    let out = tokio::time::timeout(DEADLINE, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
-        .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    app.run_leadflow(LEADFLOW, key, args).await
 }
 
 #[tokio::test]

@@ -3,8 +3,6 @@
 //! history, an email change and a merge that keep the timeline, suspension stopping email, the timeline's pages,
 //! inquiries opened by events and kept in step with their follow-ups, and a read key refused a change.
 
-use std::process::Stdio;
-
 use serde_json::{json, Value};
 
 use leadflow::api::keys::Scope;
@@ -746,28 +744,7 @@ async fn run(app: &TestApp, key: &str, args: &[&str]) -> String {
 
 /// Runs `leadflow <args>` against the test's API with `key`; returns (success, stdout, stderr).
 async fn leadflow(app: &TestApp, key: &str, args: &[&str]) -> (bool, String, String) {
-    let mut command = tokio::process::Command::new(LEADFLOW);
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("LEADFLOW_") {
-            command.env_remove(name);
-        }
-    }
-    for (name, value) in app.env() {
-        command.env(name, value);
-    }
-    command
-        .env("LEADFLOW_API_URL", app.url(""))
-        .env("LEADFLOW_API_KEY", key);
-    let out = tokio::time::timeout(DEADLINE, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
-        .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
+    app.run_leadflow(LEADFLOW, Some(key), args).await
 }
 
 #[tokio::test]

@@ -4,7 +4,6 @@
 //! a segment enrolling only matching leads through the real pipeline, and a list in use refused deletion.
 
 use std::collections::BTreeSet;
-use std::process::Stdio;
 
 use serde_json::{json, Value};
 
@@ -866,29 +865,8 @@ async fn a_campaign_targeting_a_static_list_enrolls_only_its_members() {
 
 /// Runs `leadflow <args>` against the test's API with `key`, insisting it succeeds; returns its stdout.
 async fn leadflow(app: &TestApp, key: &str, args: &[&str]) -> String {
-    let mut command = tokio::process::Command::new(LEADFLOW);
-    command.args(args).stdin(Stdio::null()).kill_on_drop(true);
-    for (name, _) in std::env::vars() {
-        if name.starts_with("LEADFLOW_") {
-            command.env_remove(name);
-        }
-    }
-    for (name, value) in app.env() {
-        command.env(name, value);
-    }
-    command
-        .env("LEADFLOW_API_URL", app.url(""))
-        .env("LEADFLOW_API_KEY", key);
-    let out = tokio::time::timeout(DEADLINE, command.output())
-        .await
-        .unwrap_or_else(|_| panic!("leadflow {args:?} did not finish in time"))
-        .unwrap_or_else(|e| panic!("leadflow {args:?} failed to start: {e}"));
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "leadflow {args:?} failed: {stdout}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let (success, stdout, stderr) = app.run_leadflow(LEADFLOW, Some(key), args).await;
+    assert!(success, "leadflow {args:?} failed: {stdout}{stderr}");
     stdout
 }
 

@@ -726,17 +726,8 @@ async fn a_large_export_is_streamed_with_bounded_memory() {
 
 /// Runs `leadflow <args>` against the app's API with `key`; returns whether it succeeded and its standard output.
 async fn cli(app: &TestApp, key: &str, args: &[&str]) -> (bool, String) {
-    let output = tokio::process::Command::new(LEADFLOW)
-        .args(args)
-        .env("LEADFLOW_API_URL", app.url(""))
-        .env("LEADFLOW_API_KEY", key)
-        .stdin(Stdio::null())
-        .output()
-        .await
-        .expect("failed to run the leadflow command");
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    let stderr = String::from_utf8_lossy(&output.stderr);
-    (output.status.success(), format!("{stdout}{stderr}"))
+    let (success, stdout, stderr) = app.run_leadflow(LEADFLOW, Some(key), args).await;
+    (success, format!("{stdout}{stderr}"))
 }
 
 #[tokio::test]
