@@ -7,7 +7,7 @@ use serde_json::Value;
 
 use leadflow::api::keys::{self, ExposeSecret as _, Scope};
 
-use crate::TestApp;
+use crate::{TestApp, DEADLINE};
 
 /// One answer of the API.
 #[derive(Debug)]
@@ -175,8 +175,32 @@ impl ApiClient {
         self.send(Method::DELETE, path, content_type, body).await
     }
 
+    /// Polls import job `id` until it is `done` or `failed` (failing the test after [`DEADLINE`]); returns the job.
+    pub async fn wait_for_import(&self, id: i64) -> Value {
+        let deadline = std::time::Instant::now() + DEADLINE;
+        loop {
+            let job = self.get(&format!("/v1/imports/{id}")).await.expect(200);
+            if job["state"] == "done" || job["state"] == "failed" {
+                return job;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "import #{id} did not end within {DEADLINE:?}: {job:#}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
     /// Posts raw bytes of `content_type` (a CSV or XLSX file).
     pub async fn upload(&self, path: &str, content_type: &str, bytes: Vec<u8>) -> Answer {
         self.send(Method::POST, path, Some(content_type), Some(bytes)).await
     }
+}
+
+/// `path?query` with each value percent-encoded.
+pub fn with_query(path: &str, params: &[(&str, &str)]) -> String {
+    let query: String = url::form_urlencoded::Serializer::new(String::new())
+        .extend_pairs(params)
+        .finish();
+    format!("{path}?{query}")
 }

@@ -9,7 +9,7 @@ use leadflow::api::keys::Scope;
 use leadflow_shared::domain::EmailAddress;
 use leadflow_shared::suppression::{self, Reason};
 use leadflow_shared::topology::WorkQueue;
-use leadflow_tests::{event, wait_until, Answer, ApiClient, TestApp, DEADLINE};
+use leadflow_tests::{event, wait_until, with_query, Answer, ApiClient, TestApp, DEADLINE};
 
 async fn keyed_on_customer_id() -> TestApp {
     TestApp::builder()
@@ -263,14 +263,6 @@ async fn post_v1_leads_finds_the_lead_by_customer_id_and_follows_its_email() {
     assert_eq!(app.count("SELECT count(*) FROM leads").await, 1);
 }
 
-/// `path?query` with each value percent-encoded.
-fn with_query(path: &str, params: &[(&str, &str)]) -> String {
-    let query: String = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params)
-        .finish();
-    format!("{path}?{query}")
-}
-
 /// Uploads a CSV file, waits for its job to end and returns the job.
 async fn import_csv(api: &ApiClient, csv: &str) -> Value {
     let queued = api
@@ -282,18 +274,7 @@ async fn import_csv(api: &ApiClient, csv: &str) -> Value {
         .await
         .expect(202);
     let id = queued["id"].as_i64().expect("the job has an id");
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let job = api.get(&format!("/v1/imports/{id}")).await.expect(200);
-        if job["state"] == "done" || job["state"] == "failed" {
-            return job;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "import #{id} did not end within {DEADLINE:?}: {job:#}"
-        );
-        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-    }
+    api.wait_for_import(id).await
 }
 
 #[tokio::test]

@@ -12,7 +12,7 @@ use serde_json::{json, Value};
 
 use leadflow::api::keys::Scope;
 use leadflow::Component;
-use leadflow_tests::{wait_until, ApiClient, TestApp, DEADLINE};
+use leadflow_tests::{wait_until, with_query, ApiClient, TestApp, DEADLINE};
 
 const LEADFLOW: &str = env!("CARGO_BIN_EXE_leadflow-under-test");
 const CSV: &str = "text/csv";
@@ -20,14 +20,6 @@ const XLSX: &str = "application/vnd.openxmlformats-officedocument.spreadsheetml.
 
 async fn app() -> TestApp {
     TestApp::spawn_with(&[Component::Api], &[]).await
-}
-
-/// `path?query` with each value percent-encoded.
-fn with_query(path: &str, params: &[(&str, &str)]) -> String {
-    let query: String = url::form_urlencoded::Serializer::new(String::new())
-        .extend_pairs(params)
-        .finish();
-    format!("{path}?{query}")
 }
 
 /// Uploads `file`, waits for the job to end, and returns it.
@@ -38,22 +30,7 @@ async fn import(api: &ApiClient, content_type: &str, file: Vec<u8>, params: &[(&
         .expect(202);
     assert_eq!(queued["state"], "queued", "{queued:#}");
     let id = queued["id"].as_i64().expect("the job has an id");
-    finished(api, id).await
-}
-
-async fn finished(api: &ApiClient, id: i64) -> Value {
-    let deadline = std::time::Instant::now() + DEADLINE;
-    loop {
-        let job = api.get(&format!("/v1/imports/{id}")).await.expect(200);
-        if job["state"] == "done" || job["state"] == "failed" {
-            return job;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "import #{id} did not end within {DEADLINE:?}: {job:#}"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    api.wait_for_import(id).await
 }
 
 async fn errors(api: &ApiClient, id: &Value) -> Vec<(i64, String)> {
@@ -401,7 +378,7 @@ async fn a_job_left_running_by_a_stopped_process_is_resumed_after_its_committed_
         .expect("failed to insert the abandoned job")
         .get(0);
 
-    let job = finished(&api, id).await;
+    let job = api.wait_for_import(id).await;
     assert_eq!(job["state"], "done", "{job:#}");
     assert_eq!(
         (job["rows_done"].as_i64(), job["rows_created"].as_i64()),
