@@ -138,15 +138,16 @@ fn only(input: &Map<String, Value>, allowed: &[&str]) -> Result<(), Problem> {
     }
 }
 
-/// The lead as the API shows it, or None.
-async fn lead_json(client: &impl GenericClient, id: i64) -> Result<Option<Value>, tokio_postgres::Error> {
+/// The lead as the API shows it, or 404.
+async fn lead_json(client: &impl GenericClient, id: i64) -> Result<Value, Problem> {
     let row = client
         .query_opt(
             &format!("SELECT {} FROM leads l WHERE l.id = $1", profile::SELECT),
             &[&id],
         )
-        .await?;
-    Ok(row.as_ref().map(profile::lead_json))
+        .await
+        .map_err(internal("failed to read the lead"))?;
+    row.as_ref().map(profile::lead_json).ok_or_else(|| not_found(id))
 }
 
 async fn inquiries_of(client: &impl GenericClient, id: i64) -> Result<Vec<Value>, tokio_postgres::Error> {
@@ -354,10 +355,7 @@ pub async fn create(Writer(key): Writer, State(state): State<ApiState>, body: By
         touch(&tx, id).await?;
     }
     rescore(&tx, id, &key.name).await?;
-    let lead = lead_json(&tx, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&tx, id).await?;
     commit(tx).await?;
     tracing::info!(lead.id = id, email = %email.masked(), existed, actor = key.name, "lead created or updated");
     let status = if existed { StatusCode::OK } else { StatusCode::CREATED };
@@ -402,10 +400,7 @@ pub async fn read(
     PathParams(id): PathParams<i64>,
 ) -> Result<Json<Value>, Problem> {
     let client = problem::client(&state).await?;
-    let lead = lead_json(&client, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&client, id).await?;
     let inquiries = inquiries_of(&client, id)
         .await
         .map_err(internal("failed to read the inquiries"))?;
@@ -449,10 +444,7 @@ pub async fn update(
         record_change(&tx, id, kind, &Value::Object(changes.clone()), &key.name).await?;
         rescore(&tx, id, &key.name).await?;
     }
-    let lead = lead_json(&tx, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&tx, id).await?;
     commit(tx).await?;
     Ok(Json(json!({ "lead": lead, "changes": changes })))
 }
@@ -510,13 +502,7 @@ pub async fn notes(
     PathParams(id): PathParams<i64>,
 ) -> Result<Json<Value>, Problem> {
     let client = problem::client(&state).await?;
-    if lead_json(&client, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .is_none()
-    {
-        return Err(not_found(id));
-    }
+    lead_json(&client, id).await?;
     let rows = client
         .query(
             &format!(
@@ -648,10 +634,7 @@ pub async fn change_email(
         .await?;
         rescore(&tx, id, &key.name).await?;
     }
-    let lead = lead_json(&tx, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&tx, id).await?;
     commit(tx).await?;
     tracing::info!(lead.id = id, email = %email.masked(), actor = key.name, "lead email changed");
     Ok(Json(json!({ "lead": lead })))
@@ -825,10 +808,7 @@ pub async fn merge(
         .await
         .map_err(internal("failed to delete the merged lead"))?;
     rescore(&tx, survivor, &key.name).await?;
-    let lead = lead_json(&tx, survivor)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(survivor))?;
+    let lead = lead_json(&tx, survivor).await?;
     let inquiries = inquiries_of(&tx, survivor)
         .await
         .map_err(internal("failed to read the inquiries"))?;
@@ -891,10 +871,7 @@ pub async fn suspend(
     }
     record_change(&tx, id, "suspended", &json!({ "reason": reason }), &key.name).await?;
     touch(&tx, id).await?;
-    let lead = lead_json(&tx, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&tx, id).await?;
     commit(tx).await?;
     tracing::info!(
         lead.id = id,
@@ -940,10 +917,7 @@ pub async fn unsuspend(
         .map_err(|e| problem::internal("failed to lift the suspension", e))?;
     record_change(&tx, id, "unsuspended", &json!({ "reason": reason }), &key.name).await?;
     touch(&tx, id).await?;
-    let lead = lead_json(&tx, id)
-        .await
-        .map_err(internal("failed to read the lead"))?
-        .ok_or_else(|| not_found(id))?;
+    let lead = lead_json(&tx, id).await?;
     commit(tx).await?;
     tracing::info!(lead.id = id, actor = key.name, "lead suspension lifted");
     Ok(Json(json!({ "lead": lead })))
