@@ -18,6 +18,8 @@
 #   LEADFLOW_*          passed to the services (e.g. LEADFLOW_SENDER_CONCURRENCY=64); the bench sets the scheduler
 #                       tick to 100ms unless given
 #   BENCH_KEEP_LOGS=1   keep the work folder (service logs) even when the run passed
+#   BENCH_LEADFLOW      a leadflow binary built earlier, with leadflow-bench beside it: run those instead of
+#                       building (to compare two commits back to back)
 #   BENCH_SINK_ARGS     extra smtp-sink options, e.g. "-f ." (refuse every message) to see the run fail
 set -euo pipefail
 
@@ -104,12 +106,22 @@ fi
 install_postfix_tools
 machine
 
-say "building (release)"
-cargo build --release -q --bin leadflow --bin leadflow-bench
+if [ -n "${BENCH_LEADFLOW:-}" ]; then
+    # A build made earlier (e.g. a copy of another commit's binaries), to compare two versions on one machine.
+    [ -x "$BENCH_LEADFLOW" ] && [ -x "$(dirname "$BENCH_LEADFLOW")/leadflow-bench" ] ||
+        die "BENCH_LEADFLOW=$BENCH_LEADFLOW: need an executable leadflow with leadflow-bench beside it"
+    say "using the leadflow binaries in $(dirname "$BENCH_LEADFLOW") (not building)"
+    LEADFLOW="$BENCH_LEADFLOW"
+    BENCH="$(dirname "$BENCH_LEADFLOW")/leadflow-bench"
+else
+    say "building (release)"
+    cargo build --release -q --bin leadflow --bin leadflow-bench
+    LEADFLOW=target/release/leadflow
+    BENCH=target/release/leadflow-bench
+fi
 BUILT_AT=$SECONDS
 say "built in ${BUILT_AT}s"
-readonly LEADFLOW=target/release/leadflow
-readonly BENCH=target/release/leadflow-bench
+readonly LEADFLOW BENCH
 
 ID="$(od -An -N6 -tx1 /dev/urandom | tr -d ' \n')"
 readonly DB="lf_bench_${ID}"

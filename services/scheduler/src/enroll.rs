@@ -1,6 +1,8 @@
 //! Acting on accepted events: enroll in matching campaigns, end sequences on conversion or opt-out, attribute
 //! revenue. Each event is handled once (its `handled_at`), in one transaction.
 
+use std::collections::HashMap;
+
 use deadpool_postgres::{GenericClient, Pool};
 use serde_json::Value;
 
@@ -25,6 +27,11 @@ pub struct Handled {
 /// Handles the events of one message in one transaction (one commit for the batch, not one per event), in id
 /// order so two schedulers handling overlapping batches lock in the same order; an event already handled is
 /// skipped. A failure rolls the whole batch back: the message is tried again and nothing is half-applied.
+///
+/// The events are claimed (locked and marked handled) in one statement. Runs of enrolling events about distinct
+/// leads are enrolled together, a few statements for the whole run ([`enroll_run`]); any other event (a purchase,
+/// an opt-out) first finishes the run before it, then is handled alone, so each event still sees what the events
+/// before it did.
 pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Handled> {
     let mut total = Handled::default();
     let mut client = pool.get().await?;
@@ -33,70 +40,130 @@ pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Han
     ids.sort_unstable();
     ids.dedup();
     let tx = client.transaction().await?;
-    for id in ids {
-        let h = handle_event(&tx, id).await?;
-        if h.skipped == 0 {
-            scoring.apply_event(&tx, id, chrono::Utc::now()).await?;
+    let events = claim_events(&tx, &ids).await?;
+    total.skipped = ids.len() - events.len();
+    let mut delays = MinDelays::default();
+    let mut variants = Variants::default();
+    let mut run: Vec<Claimed> = Vec::new();
+    for event in events {
+        let enrolls = event.event_type.lead_source().is_some();
+        if !enrolls || run.iter().any(|e| e.lead_id == event.lead_id) {
+            total.add(&finish_run(&tx, &scoring, &mut run, &mut delays, &mut variants).await?);
         }
-        total.enrollments += h.enrollments;
-        total.cancelled_deliveries += h.cancelled_deliveries;
-        total.conversions += h.conversions;
-        total.skipped += h.skipped;
+        if enrolls {
+            run.push(event);
+            continue;
+        }
+        total.add(&handle_event(&tx, &event).await?);
+        scoring.apply_event(&tx, event.id, chrono::Utc::now()).await?;
+        metrics::event_handled(&event.event_type);
     }
+    total.add(&finish_run(&tx, &scoring, &mut run, &mut delays, &mut variants).await?);
     tx.commit().await?;
     Ok(total)
 }
 
-async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handled> {
-    let mut h = Handled::default();
-    // The row lock makes two schedulers handling the same event take turns; the second sees it handled.
-    let Some(row) = tx
-        .query_opt(
+impl Handled {
+    fn add(&mut self, other: &Handled) {
+        self.enrollments += other.enrollments;
+        self.cancelled_deliveries += other.cancelled_deliveries;
+        self.conversions += other.conversions;
+        self.skipped += other.skipped;
+    }
+}
+
+/// An event claimed for handling.
+struct Claimed {
+    id: i64,
+    event_type: EventType,
+    lead_id: i64,
+    data: Value,
+}
+
+/// Locks the events of `ids` not handled yet, in id order, and marks them handled; returns them in id order.
+/// The row locks make two schedulers handling the same event take turns; the second finds it handled.
+async fn claim_events(tx: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Claimed>> {
+    let rows = tx
+        .query(
             &tx.prepare_cached(
-                "SELECT e.type, e.lead_id, e.data, l.suppressed_reason, l.email
-             FROM events e JOIN leads l ON l.id = e.lead_id
-             WHERE e.id = $1 AND e.handled_at IS NULL
-             FOR UPDATE OF e",
+                "WITH claimed AS (SELECT id FROM events WHERE id = ANY ($1) AND handled_at IS NULL
+                                  ORDER BY id FOR UPDATE)
+                 UPDATE events e SET handled_at = now() FROM claimed WHERE e.id = claimed.id
+                 RETURNING e.id, e.type, e.lead_id, e.data",
             )
             .await?,
-            &[&id],
+            &[&ids],
         )
-        .await?
-    else {
-        h.skipped = 1;
-        return Ok(h);
-    };
-    let event_type: String = row.get(0);
-    let lead_id: i64 = row.get(1);
-    let data: Value = row.get(2);
-    let suppressed: Option<String> = row.get(3);
-    let email: String = row.get(4);
-    let event_type = EventType::parse(&event_type)?;
+        .await?;
+    let mut events = rows
+        .iter()
+        .map(|row| {
+            Ok(Claimed {
+                id: row.try_get(0)?,
+                event_type: EventType::parse(row.try_get::<_, &str>(1)?)?,
+                lead_id: row.try_get(2)?,
+                data: row.try_get(3)?,
+            })
+        })
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    events.sort_unstable_by_key(|e| e.id);
+    Ok(events)
+}
 
-    match &event_type {
-        t if t.lead_source().is_some() => {
-            if let (Some(source), None) = (t.lead_source(), &suppressed) {
-                h.enrollments = enroll(tx, lead_id, id, source, &data).await?;
-            }
-        }
+/// Enrolls the run of enrolling events, then scores each of them, and empties the run.
+async fn finish_run(
+    tx: &impl GenericClient,
+    scoring: &scoring::EventScoring,
+    run: &mut Vec<Claimed>,
+    delays: &mut MinDelays,
+    variants: &mut Variants,
+) -> anyhow::Result<Handled> {
+    if run.is_empty() {
+        return Ok(Handled::default());
+    }
+    let h = Handled {
+        enrollments: enroll_run(tx, run, delays, variants).await?,
+        ..Handled::default()
+    };
+    for event in run.drain(..) {
+        scoring.apply_event(tx, event.id, chrono::Utc::now()).await?;
+        metrics::event_handled(&event.event_type);
+    }
+    Ok(h)
+}
+
+/// Handles an event that does not enroll: a purchase ends sequences and is attributed, an opt-out suppresses.
+async fn handle_event(tx: &impl GenericClient, event: &Claimed) -> anyhow::Result<Handled> {
+    let mut h = Handled::default();
+    let (lead_id, data) = (event.lead_id, &event.data);
+    match &event.event_type {
         EventType::OrderCompleted => {
-            let purchase = Purchase::of(&data);
+            let purchase = Purchase::of(data);
             h.cancelled_deliveries = end_purchased_sequences(tx, lead_id, &purchase).await?;
-            h.conversions = record_conversion(tx, lead_id, id, &data).await?;
+            h.conversions = record_conversion(tx, lead_id, event.id, data).await?;
         }
         EventType::LeadUnsubscribed
         | EventType::LeadSuspended
         | EventType::EmailBounced
         | EventType::EmailComplained => {
-            let reason = match event_type {
+            let reason = match event.event_type {
                 EventType::LeadUnsubscribed => suppression::Reason::Unsubscribed,
                 EventType::LeadSuspended => suppression::Reason::Suspended,
                 EventType::EmailBounced => suppression::Reason::Bounced,
                 _ => suppression::Reason::Complained,
             };
+            let Some(row) = tx
+                .query_opt(
+                    &tx.prepare_cached("SELECT email FROM leads WHERE id = $1").await?,
+                    &[&lead_id],
+                )
+                .await?
+            else {
+                return Ok(h);
+            };
             // The same mechanism as the unsubscribe page and bounce reports: a suppression list entry, the lead
             // marked, its open follow-ups cancelled with the reason.
-            let address = EmailAddress::parse(&email)?;
+            let address = EmailAddress::parse(row.try_get::<_, &str>(0)?)?;
             let done = suppression::suppress(tx, &address, reason, "event", None, None).await?;
             if let Some(kind) = notify::Kind::for_reason(reason.as_str()) {
                 for enrollment in &done.ended_enrollments {
@@ -109,14 +176,47 @@ async fn handle_event(tx: &impl GenericClient, id: i64) -> anyhow::Result<Handle
         }
         _ => {}
     }
-    tx.execute(
-        &tx.prepare_cached("UPDATE events SET handled_at = now() WHERE id = $1")
-            .await?,
-        &[&id],
-    )
-    .await?;
-    metrics::event_handled(&event_type);
     Ok(h)
+}
+
+/// The minimum delay of each lead source, read once per batch.
+#[derive(Default)]
+struct MinDelays(HashMap<LeadSource, f64>);
+
+impl MinDelays {
+    async fn of(&mut self, tx: &impl GenericClient, source: LeadSource) -> anyhow::Result<f64> {
+        if let Some(seconds) = self.0.get(&source) {
+            return Ok(*seconds);
+        }
+        let seconds = settings::min_delay(tx, source).await?.as_secs_f64();
+        self.0.insert(source, seconds);
+        Ok(seconds)
+    }
+}
+
+/// The A/B variants (name, weight) of each campaign, read once per batch.
+#[derive(Default)]
+struct Variants(HashMap<i64, Vec<(String, i32)>>);
+
+impl Variants {
+    async fn of(&mut self, tx: &impl GenericClient, campaign_id: i64) -> anyhow::Result<&[(String, i32)]> {
+        if !self.0.contains_key(&campaign_id) {
+            let variants: Vec<(String, i32)> = tx
+                .query(
+                    &tx.prepare_cached(
+                        "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
+                    )
+                    .await?,
+                    &[&campaign_id],
+                )
+                .await?
+                .iter()
+                .map(|r| (r.get(0), r.get(1)))
+                .collect();
+            self.0.insert(campaign_id, variants);
+        }
+        Ok(self.0.get(&campaign_id).map(Vec::as_slice).unwrap_or_default())
+    }
 }
 
 /// Whether the lead is in a campaign's audience: a member of the static list, or matching the segment's filter
@@ -168,50 +268,84 @@ impl Subject {
     }
 }
 
-/// Enrolls the lead in every active campaign whose targeting matches (lead source, products, languages, audience,
-/// countries) and that the address is not suppressed for, once per lead x campaign x subject, creating one
-/// delivery row per step. Step 1 is due after its delay (at least the lead source's minimum delay); each later
-/// step after the previous one's due time.
-async fn enroll(
+/// Enrolls the lead of each event of `run` (enrolling events about distinct leads, in id order) in every active
+/// campaign whose targeting matches (lead source, products, languages, audience, countries) and that the address
+/// is not suppressed for, once per lead x campaign x subject, creating one delivery row per step. Step 1 is due
+/// after its delay (at least the lead source's minimum delay); each later step after the previous one's due time.
+/// A lead suppressed (unsubscribed, bounced, complained, suspended) is not enrolled.
+///
+/// The whole run costs one statement to match campaigns, one to insert the enrollments and one for their
+/// deliveries; only audiences, variants and notifications are looked up per enrollment or campaign.
+async fn enroll_run(
     tx: &impl GenericClient,
-    lead_id: i64,
-    event_id: i64,
-    source: LeadSource,
-    data: &Value,
+    run: &[Claimed],
+    delays: &mut MinDelays,
+    variants: &mut Variants,
 ) -> anyhow::Result<usize> {
-    let product = data.get("product").cloned().filter(|p| p.is_object());
-    let subject = Subject::of(data);
-    let min_delay = settings::min_delay(tx, source).await?.as_secs_f64();
-    let campaigns = tx
+    let mut event_ids = Vec::with_capacity(run.len());
+    let mut lead_ids = Vec::with_capacity(run.len());
+    let mut sources = Vec::with_capacity(run.len());
+    let mut skus = Vec::with_capacity(run.len());
+    let mut subjects = HashMap::with_capacity(run.len());
+    for event in run {
+        let Some(source) = event.event_type.lead_source() else {
+            continue;
+        };
+        let subject = Subject::of(&event.data);
+        event_ids.push(event.id);
+        lead_ids.push(event.lead_id);
+        sources.push(source.as_str());
+        skus.push(subject.product_sku.clone());
+        subjects.insert(event.id, (event, source, subject));
+    }
+    let matches = tx
         .query(
             &tx.prepare_cached(
-                "SELECT c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END, c.audience_list,
-                        c.notify_url IS NOT NULL
-             FROM campaigns c JOIN leads l ON l.id = $2
-             WHERE c.status = 'active'
-               AND (c.lead_source IS NULL OR c.lead_source = $1)
-               AND (cardinality(c.products) = 0 OR $3::text = ANY (c.products))
-               AND (cardinality(c.languages) = 0
-                    OR lower(split_part(coalesce(l.language, ''), '-', 1)) = ANY (c.languages))
-               AND (cardinality(c.countries) = 0 OR upper(coalesce(l.country, '')) = ANY (c.countries))
-               -- The suppression list (by address hash, see leadflow_shared::suppression): everywhere or here.
-               AND NOT EXISTS (SELECT 1 FROM suppressions s
+                "SELECT x.event_id, c.id, c.holdout_percent, CASE WHEN c.ab_keep_best THEN c.ab_winner END,
+                        c.audience_list, c.notify_url IS NOT NULL
+             FROM unnest($1::bigint[], $2::bigint[], $3::text[], $4::text[]) AS x (event_id, lead_id, source, sku)
+             JOIN leads l ON l.id = x.lead_id AND l.suppressed_reason IS NULL
+             JOIN campaigns c
+               ON c.status = 'active'
+              AND (c.lead_source IS NULL OR c.lead_source = x.source)
+              AND (cardinality(c.products) = 0 OR x.sku = ANY (c.products))
+              AND (cardinality(c.languages) = 0
+                   OR lower(split_part(coalesce(l.language, ''), '-', 1)) = ANY (c.languages))
+              AND (cardinality(c.countries) = 0 OR upper(coalesce(l.country, '')) = ANY (c.countries))
+             -- The suppression list (by address hash, see leadflow_shared::suppression): everywhere or here.
+             WHERE NOT EXISTS (SELECT 1 FROM suppressions s
                                WHERE s.email_hash = encode(sha256(convert_to(l.email, 'UTF8')), 'hex')
                                  AND (s.campaign_id IS NULL OR s.campaign_id = c.id))
-             ORDER BY c.id",
+             ORDER BY x.event_id, c.id",
             )
             .await?,
-            &[&source.as_str(), &lead_id, &subject.product_sku],
+            &[&event_ids, &lead_ids, &sources, &skus],
         )
         .await?;
-    let mut enrolled = 0;
-    for campaign in campaigns {
-        let campaign_id: i64 = campaign.get(0);
-        let holdout_percent: i16 = campaign.get(1);
-        let winner: Option<String> = campaign.get(2);
-        let audience: Option<i64> = campaign.get(3);
+
+    /// One enrollment to insert.
+    struct Planned {
+        event_id: i64,
+        lead_id: i64,
+        campaign_id: i64,
+        variant: Option<String>,
+        holdout: bool,
+        notifies: bool,
+        min_delay: f64,
+    }
+    let mut planned: Vec<Planned> = Vec::with_capacity(matches.len());
+    for row in &matches {
+        let event_id: i64 = row.try_get(0)?;
+        let campaign_id: i64 = row.try_get(1)?;
+        let holdout_percent: i16 = row.try_get(2)?;
+        let winner: Option<String> = row.try_get(3)?;
+        let audience: Option<i64> = row.try_get(4)?;
         // Only a campaign with a notification URL hears of enrollments: no look-up per enrollment otherwise.
-        let notifies: bool = campaign.get(4);
+        let notifies: bool = row.try_get(5)?;
+        let Some((event, source, _)) = subjects.get(&event_id) else {
+            continue;
+        };
+        let lead_id = event.lead_id;
         if let Some(list_id) = audience {
             if !in_audience(tx, list_id, lead_id).await? {
                 continue;
@@ -223,78 +357,149 @@ async fn enroll(
         } else if let Some(w) = winner {
             Some(w)
         } else {
-            let variants: Vec<(String, i32)> = tx
-                .query(
-                    &tx.prepare_cached(
-                        "SELECT name, weight FROM campaign_variants WHERE campaign_id = $1 ORDER BY name",
-                    )
-                    .await?,
-                    &[&campaign_id],
-                )
-                .await?
-                .iter()
-                .map(|r| (r.get(0), r.get(1)))
-                .collect();
-            pick_variant(lead_id, campaign_id, &variants)
+            pick_variant(lead_id, campaign_id, variants.of(tx, campaign_id).await?)
         };
-        let inserted = tx
-            .query_opt(
-                &tx.prepare_cached(
-                    "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
+        planned.push(Planned {
+            event_id,
+            lead_id,
+            campaign_id,
+            variant,
+            holdout,
+            notifies,
+            min_delay: delays.of(tx, *source).await?,
+        });
+    }
+    if planned.is_empty() {
+        return Ok(0);
+    }
+
+    let mut columns = EnrollmentColumns::default();
+    for p in &planned {
+        let Some((event, _, subject)) = subjects.get(&p.event_id) else {
+            continue;
+        };
+        columns.lead_ids.push(p.lead_id);
+        columns.campaign_ids.push(p.campaign_id);
+        columns.event_ids.push(p.event_id);
+        columns
+            .products
+            .push(event.data.get("product").cloned().filter(|p| p.is_object()));
+        columns.subjects.push(subject.key());
+        columns.checkout_ids.push(subject.checkout_id.clone());
+        columns.order_ids.push(subject.order_id.clone());
+        columns.skus.push(subject.product_sku.clone());
+        columns.variants.push(p.variant.clone());
+        columns.holdouts.push(p.holdout);
+    }
+    // The leads of a run are distinct, so (lead, campaign) names one enrollment of this statement; one that
+    // exists already about the same checkout / order / product is left alone.
+    let inserted = tx
+        .query(
+            &tx.prepare_cached(
+                "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
                                           product_sku, variant, holdout)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10)
+                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::jsonb[], $5::text[],
+                                      $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[])
                  ON CONFLICT (lead_id, campaign_id, subject) DO NOTHING
-                 RETURNING id",
-                )
-                .await?,
-                &[
-                    &lead_id,
-                    &campaign_id,
-                    &event_id,
-                    &product,
-                    &subject.key(),
-                    &subject.checkout_id,
-                    &subject.order_id,
-                    &subject.product_sku,
-                    &variant,
-                    &holdout,
-                ],
+                 RETURNING id, lead_id, campaign_id",
             )
-            .await?;
-        let Some(enrollment) = inserted else {
+            .await?,
+            &[
+                &columns.lead_ids,
+                &columns.campaign_ids,
+                &columns.event_ids,
+                &columns.products,
+                &columns.subjects,
+                &columns.checkout_ids,
+                &columns.order_ids,
+                &columns.skus,
+                &columns.variants,
+                &columns.holdouts,
+            ],
+        )
+        .await?;
+    let mut enrollment_of: HashMap<(i64, i64), i64> = HashMap::with_capacity(inserted.len());
+    for row in &inserted {
+        enrollment_of.insert((row.try_get(1)?, row.try_get(2)?), row.try_get(0)?);
+    }
+
+    let mut steps = StepColumns::default();
+    let mut enrolled = 0;
+    for p in &planned {
+        let Some(enrollment_id) = enrollment_of.get(&(p.lead_id, p.campaign_id)).copied() else {
             continue; // already enrolled about this checkout / order / product
         };
-        let enrollment_id: i64 = enrollment.get(0);
         enrolled += 1;
         metrics::enrolled();
-        if notifies {
+        if p.notifies {
             notify::enqueue(
                 tx,
                 notify::About::Enrollment(enrollment_id),
                 notify::Kind::Enrolled,
-                serde_json::json!({ "holdout": holdout }),
+                serde_json::json!({ "holdout": p.holdout }),
             )
             .await?;
         }
-        let Some(variant) = variant else {
-            continue; // the holdout group receives nothing; its purchases measure the campaign's lift
-        };
+        // The holdout group receives nothing; its purchases measure the campaign's lift.
+        if let Some(variant) = &p.variant {
+            steps.enrollment_ids.push(enrollment_id);
+            steps.lead_ids.push(p.lead_id);
+            steps.campaign_ids.push(p.campaign_id);
+            steps.min_delays.push(p.min_delay);
+            steps.variants.push(variant.clone());
+        }
+    }
+    if !steps.enrollment_ids.is_empty() {
         tx.execute(
             &tx.prepare_cached(
                 "INSERT INTO deliveries (enrollment_id, lead_id, campaign_id, step, due_at, variant)
-             SELECT $1, $2, $3, s.step,
-                    now() + make_interval(secs => (sum(CASE WHEN s.step = 1 THEN greatest(s.delay_seconds::float8, $4)
-                                                            ELSE s.delay_seconds::float8 END)
-                                                   OVER (ORDER BY s.step))),
-                    s.variant
-             FROM campaign_steps s WHERE s.campaign_id = $3 AND s.variant = $5",
+                 SELECT x.enrollment_id, x.lead_id, x.campaign_id, s.step,
+                        now() + make_interval(secs => (sum(CASE WHEN s.step = 1
+                                                                THEN greatest(s.delay_seconds::float8, x.min_delay)
+                                                                ELSE s.delay_seconds::float8 END)
+                                                       OVER (PARTITION BY x.enrollment_id ORDER BY s.step))),
+                        s.variant
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::float8[], $5::text[])
+                      AS x (enrollment_id, lead_id, campaign_id, min_delay, variant)
+                 JOIN campaign_steps s ON s.campaign_id = x.campaign_id AND s.variant = x.variant",
             )
             .await?,
-            &[&enrollment_id, &lead_id, &campaign_id, &min_delay, &variant],
+            &[
+                &steps.enrollment_ids,
+                &steps.lead_ids,
+                &steps.campaign_ids,
+                &steps.min_delays,
+                &steps.variants,
+            ],
         )
         .await?;
     }
     Ok(enrolled)
+}
+
+/// The enrollments of a run, column by column, for one `unnest` insert.
+#[derive(Default)]
+struct EnrollmentColumns {
+    lead_ids: Vec<i64>,
+    campaign_ids: Vec<i64>,
+    event_ids: Vec<i64>,
+    products: Vec<Option<Value>>,
+    subjects: Vec<String>,
+    checkout_ids: Vec<Option<String>>,
+    order_ids: Vec<Option<String>>,
+    skus: Vec<Option<String>>,
+    variants: Vec<Option<String>>,
+    holdouts: Vec<bool>,
+}
+
+/// The enrollments whose steps become deliveries, column by column.
+#[derive(Default)]
+struct StepColumns {
+    enrollment_ids: Vec<i64>,
+    lead_ids: Vec<i64>,
+    campaign_ids: Vec<i64>,
+    min_delays: Vec<f64>,
+    variants: Vec<String>,
 }
 
 /// A stable 64-bit hash (FNV-1a), so a lead's variant and holdout membership never change between runs.
