@@ -100,9 +100,9 @@ machine() {
 }
 
 have cargo || die "cargo not found: run deploy/setup.sh first (it installs Rust)"
-if ! have psql || ! have rabbitmqctl; then
-    bash deploy/setup.sh -q
-fi
+# Every run: installs and starts what is missing, and turns autovacuum on where an image ships it off (without
+# it the hot tables' statistics never follow the backlog and their dead rows pile up).
+bash deploy/setup.sh -q
 install_postfix_tools
 machine
 

@@ -172,11 +172,13 @@ impl Plan {
             } else {
                 60
             })),
+            // `--duration 0s`: no sustained run.
             sustained: dur(
                 &args.duration,
                 if q { None } else { Some(Duration::from_secs(600)) },
                 "--duration",
-            )?,
+            )?
+            .filter(|d| !d.is_zero()),
             isolated: args.isolated_emails.unwrap_or(if q { 2_000 } else { 50_000 }),
             rate: args.rate.filter(|r| *r > 0.0),
             quick: q,

@@ -241,12 +241,17 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
     }
 
     if !rendered_ids.is_empty() {
-        // Rows are locked by the update, so a concurrent renderer of the same ids waits and then skips them.
+        // Rows are locked first (in id order), so a concurrent renderer of the same ids waits and then skips them.
         let marked: BTreeSet<i64> = tx
             .query(
-                "UPDATE deliveries SET state = 'rendered', updated_at = now()
-                  WHERE id = ANY($1) AND state = 'queued'
-                 RETURNING id",
+                // Found by id alone, then filtered: `state = 'queued'` next to the ids would let the planner
+                // combine the primary key with the partial index of deliveries in flight, reading all of them
+                // for every batch whenever the table's statistics lag behind the backlog.
+                "WITH locked AS MATERIALIZED (SELECT id, state FROM deliveries WHERE id = ANY($1)
+                                              ORDER BY id FOR UPDATE)
+                 UPDATE deliveries d SET state = 'rendered', updated_at = now() FROM locked
+                  WHERE d.id = locked.id AND locked.state = 'queued'
+                 RETURNING d.id",
                 &[&rendered_ids],
             )
             .await

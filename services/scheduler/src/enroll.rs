@@ -86,9 +86,13 @@ async fn claim_events(tx: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Ve
     let rows = tx
         .query(
             &tx.prepare_cached(
-                "WITH claimed AS (SELECT id FROM events WHERE id = ANY ($1) AND handled_at IS NULL
-                                  ORDER BY id FOR UPDATE)
-                 UPDATE events e SET handled_at = now() FROM claimed WHERE e.id = claimed.id
+                // Found by id alone, then filtered: `handled_at IS NULL` next to the ids would let the planner
+                // combine the primary key with the partial index of unhandled events, reading the whole backlog
+                // for every batch whenever the table's statistics lag behind it.
+                "WITH locked AS MATERIALIZED (SELECT id, handled_at FROM events WHERE id = ANY ($1)
+                                              ORDER BY id FOR UPDATE)
+                 UPDATE events e SET handled_at = now() FROM locked
+                  WHERE e.id = locked.id AND locked.handled_at IS NULL
                  RETURNING e.id, e.type, e.lead_id, e.data",
             )
             .await?,
