@@ -285,6 +285,10 @@ pub struct AmqpConfig {
     pub namespace: String,
     /// `LEADFLOW_AMQP_PREFETCH`: unacknowledged deliveries a consumer holds at once.
     pub prefetch: u16,
+    /// `LEADFLOW_AMQP_EVENTS_PREFETCH`: the same for ingest's consumer of `<ns>.events`, whose messages are single
+    /// events stored many per transaction: it bounds that batch (half of it, so the next batch arrives while one
+    /// is stored).
+    pub events_prefetch: u16,
     /// `LEADFLOW_AMQP_QUEUE_TYPE`: `classic` or `quorum`.
     pub queue_type: QueueType,
     /// `LEADFLOW_AMQP_QUEUE_EXPIRES`: delete queues unused for this long (test installations only).
@@ -488,6 +492,7 @@ impl Config {
             url: SecretString::from(src.string("LEADFLOW_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/%2f")),
             namespace: src.string("LEADFLOW_NAMESPACE", "leadflow"),
             prefetch: src.parse("LEADFLOW_AMQP_PREFETCH", 64u16)?,
+            events_prefetch: src.parse("LEADFLOW_AMQP_EVENTS_PREFETCH", 1024u16)?,
             queue_type: match src.string("LEADFLOW_AMQP_QUEUE_TYPE", "classic").as_str() {
                 "classic" => QueueType::Classic,
                 "quorum" => QueueType::Quorum,
@@ -507,6 +512,12 @@ impl Config {
         if amqp.prefetch == 0 {
             return Err(ConfigError {
                 var: "LEADFLOW_AMQP_PREFETCH".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        if amqp.events_prefetch == 0 {
+            return Err(ConfigError {
+                var: "LEADFLOW_AMQP_EVENTS_PREFETCH".into(),
                 reason: "must be at least 1".into(),
             });
         }

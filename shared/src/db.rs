@@ -43,6 +43,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "lead_events_outbox",
         include_str!("../migrations/0016_lead_events_outbox.sql"),
     ),
+    (
+        17,
+        "statement_triggers",
+        include_str!("../migrations/0017_statement_triggers.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.

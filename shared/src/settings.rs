@@ -175,7 +175,12 @@ fn default_of(key: &str) -> Value {
 
 async fn stored(client: &impl GenericClient, key: &str) -> anyhow::Result<Option<Value>> {
     Ok(client
-        .query_opt("SELECT value FROM settings WHERE key = $1", &[&key])
+        .query_opt(
+            &client
+                .prepare_cached("SELECT value FROM settings WHERE key = $1")
+                .await?,
+            &[&key],
+        )
         .await?
         .map(|r| r.get(0)))
 }

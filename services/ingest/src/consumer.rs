@@ -19,17 +19,17 @@ use crate::http::store_and_hand_off;
 use crate::identity;
 use crate::metrics;
 
-/// The most messages stored in one transaction.
-const MESSAGES_PER_BATCH: usize = 256;
-
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
+    // At most half the prefetch per transaction: the broker delivers the next batch while one is being stored.
+    let prefetch = ctx.config.amqp.events_prefetch;
+    let per_batch = usize::from(prefetch / 2).max(1);
     amqp::consume_batches(
         &ctx.amqp,
         &ctx.publisher,
         WorkQueue::IngestEvents,
-        ctx.config.amqp.prefetch,
-        MESSAGES_PER_BATCH,
+        prefetch,
+        per_batch,
         shutdown,
         move |deliveries| {
             let ctx = handler_ctx.clone();

@@ -247,11 +247,14 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
                 // Found by id alone, then filtered: `state = 'queued'` next to the ids would let the planner
                 // combine the primary key with the partial index of deliveries in flight, reading all of them
                 // for every batch whenever the table's statistics lag behind the backlog.
-                "WITH locked AS MATERIALIZED (SELECT id, state FROM deliveries WHERE id = ANY($1)
+                &tx.prepare_cached(
+                    "WITH locked AS MATERIALIZED (SELECT id, state FROM deliveries WHERE id = ANY($1)
                                               ORDER BY id FOR UPDATE)
                  UPDATE deliveries d SET state = 'rendered', updated_at = now() FROM locked
                   WHERE d.id = locked.id AND locked.state = 'queued'
                  RETURNING d.id",
+                )
+                .await?,
                 &[&rendered_ids],
             )
             .await
@@ -260,7 +263,8 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
             .map(|r| r.get(0))
             .collect();
         tx.execute(
-            "INSERT INTO rendered_messages (delivery_id, to_address, to_name, subject, body_text, body_html)
+            &tx.prepare_cached(
+                "INSERT INTO rendered_messages (delivery_id, to_address, to_name, subject, body_text, body_html)
              SELECT m.* FROM unnest($1::bigint[], $2::text[], $3::text[], $4::text[], $5::text[], $6::text[])
                     AS m(delivery_id, to_address, to_name, subject, body_text, body_html)
               WHERE m.delivery_id = ANY($7)
@@ -271,6 +275,8 @@ pub async fn render_batch(ctx: &Context, ids: &[i64]) -> anyhow::Result<RenderRe
                     body_text = EXCLUDED.body_text,
                     body_html = EXCLUDED.body_html,
                     rendered_at = now()",
+            )
+            .await?,
             &[
                 &rendered_ids,
                 &to_addresses,
@@ -422,7 +428,9 @@ fn render_one(
 async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Loaded>> {
     let rows = client
         .query(
-            "SELECT d.id, d.state, d.step,
+            &client
+                .prepare_cached(
+                    "SELECT d.id, d.state, d.step,
                     l.email, l.first_name, l.last_name, l.country, l.language, l.attributes,
                     e.status, e.reason, e.product,
                     c.name, c.language,
@@ -437,6 +445,8 @@ async fn load(client: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Vec<Lo
               WHERE d.id = ANY($1)
               ORDER BY d.id
                 FOR UPDATE OF d",
+                )
+                .await?,
             &[&ids],
         )
         .await
@@ -490,8 +500,12 @@ async fn load_templates(
     }
     let rows = client
         .query(
-            "SELECT name, language, version, subject, body_text, body_html
+            &client
+                .prepare_cached(
+                    "SELECT name, language, version, subject, body_text, body_html
                FROM templates WHERE name = ANY($1)",
+                )
+                .await?,
             &[&names],
         )
         .await

@@ -30,6 +30,10 @@ pub const EVENTS_PER_TRANSACTION: usize = 500;
 /// Transactions (connections) a group of events is spread over, by lead.
 const LANES: usize = 4;
 
+/// The fewest events a lane is given: a small group is handled in one transaction (each lane costs its own
+/// statements and commit, which on a busy database outweighs the concurrency).
+const MIN_PER_LANE: usize = 64;
+
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
     amqp::consume_batches(
@@ -117,9 +121,11 @@ async fn handle(ctx: &Context, deliveries: Vec<Delivery>) -> Vec<(Delivery, Outc
         .collect()
 }
 
-/// Handles `ids` in up to [`LANES`] transactions at once, split by lead (events in id order within a lane).
+/// Handles `ids` in up to [`LANES`] transactions at once (at least [`MIN_PER_LANE`] events each), split by lead
+/// (events in id order within a lane).
 async fn handle_in_lanes(ctx: &Context, ids: &[i64]) -> anyhow::Result<enroll::Handled> {
-    if ids.len() < 2 * LANES {
+    let lanes_used = (ids.len() / MIN_PER_LANE).clamp(1, LANES);
+    if lanes_used == 1 {
         return enroll::handle_events(&ctx.pool, ids).await;
     }
     let leads: HashMap<i64, i64> = ctx
@@ -131,10 +137,12 @@ async fn handle_in_lanes(ctx: &Context, ids: &[i64]) -> anyhow::Result<enroll::H
         .iter()
         .map(|row| (row.get(0), row.get(1)))
         .collect();
-    let mut lanes: Vec<Vec<i64>> = vec![Vec::new(); LANES];
+    let mut lanes: Vec<Vec<i64>> = vec![Vec::new(); lanes_used];
     for id in ids {
         // An id with no event row goes to lane 0, which finds nothing to do.
-        let lane = leads.get(id).map_or(0, |lead| lead.rem_euclid(LANES as i64) as usize);
+        let lane = leads
+            .get(id)
+            .map_or(0, |lead| lead.rem_euclid(lanes_used as i64) as usize);
         lanes[lane].push(*id);
     }
     let results = futures_util::future::join_all(

@@ -400,10 +400,17 @@ async fn enroll_run(
     let inserted = tx
         .query(
             &tx.prepare_cached(
+                // Linked to the inquiry about the same subject here (the row trigger of migration 0012 does it
+                // for enrollments made elsewhere).
                 "INSERT INTO enrollments (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id,
-                                          product_sku, variant, holdout)
-                 SELECT * FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::jsonb[], $5::text[],
-                                      $6::text[], $7::text[], $8::text[], $9::text[], $10::bool[])
+                                          product_sku, variant, holdout, inquiry_id)
+                 SELECT x.lead_id, x.campaign_id, x.event_id, x.product, x.subject, x.checkout_id, x.order_id,
+                        x.product_sku, x.variant, x.holdout, i.id
+                 FROM unnest($1::bigint[], $2::bigint[], $3::bigint[], $4::jsonb[], $5::text[], $6::text[],
+                             $7::text[], $8::text[], $9::text[], $10::bool[])
+                      AS x (lead_id, campaign_id, event_id, product, subject, checkout_id, order_id, product_sku,
+                            variant, holdout)
+                 LEFT JOIN inquiries i ON i.lead_id = x.lead_id AND i.subject = x.subject
                  ON CONFLICT (lead_id, campaign_id, subject) DO NOTHING
                  RETURNING id, lead_id, campaign_id",
             )

@@ -47,16 +47,28 @@ impl Tick {
     }
 }
 
-/// Runs ticks until shutdown; a full batch is followed at once by the next one.
+/// Runs ticks until shutdown; a full batch is followed at once by the next one. A wake between ticks claims due
+/// deliveries only ([`run_due`]); the rest of a tick (expiry, retries, A/B decisions, the sweep) runs at most
+/// once per `LEADFLOW_SCHEDULER_TICK`, however often the timer is woken.
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let tick = ctx.config.scheduler.tick;
     let mut last_sweep = tokio::time::Instant::now();
+    let mut last_full: Option<tokio::time::Instant> = None;
     loop {
-        let sweep = last_sweep.elapsed() >= sweep_interval(&ctx);
+        let full = last_full.is_none_or(|at| at.elapsed() >= tick);
+        if full {
+            last_full = Some(tokio::time::Instant::now());
+        }
+        let sweep = full && last_sweep.elapsed() >= sweep_interval(&ctx);
         if sweep {
             last_sweep = tokio::time::Instant::now();
         }
-        let pause = match run_tick(&ctx, sweep).await {
+        let result = if full {
+            run_tick(&ctx, sweep).await
+        } else {
+            run_due(&ctx).await
+        };
+        let pause = match result {
             Ok(done) if done.due >= ctx.config.scheduler.batch => Duration::ZERO,
             Ok(done) => {
                 if done.busy() {
@@ -81,6 +93,15 @@ pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()
             }
         }
     }
+}
+
+/// The part of a tick a wake asks for: due pending deliveries claimed and published (when sending is on).
+pub async fn run_due(ctx: &Context) -> anyhow::Result<Tick> {
+    let mut done = Tick::default();
+    if settings::sending_enabled(&ctx.pool.get().await?).await? {
+        done.due = publish_due(ctx).await.context("failed to publish due deliveries")?;
+    }
+    Ok(done)
 }
 
 fn sweep_interval(ctx: &Context) -> Duration {
@@ -130,8 +151,12 @@ pub async fn expire_stale(ctx: &Context) -> anyhow::Result<u64> {
     let stale_after = settings::stale_after(&client).await?.as_secs_f64();
     let expired = client
         .execute(
-            "UPDATE deliveries SET state = 'cancelled', reason = 'expired', updated_at = now()
+            &client
+                .prepare_cached(
+                    "UPDATE deliveries SET state = 'cancelled', reason = 'expired', updated_at = now()
              WHERE state IN ('pending', 'retrying') AND due_at < now() - make_interval(secs => $1)",
+                )
+                .await?,
             &[&stale_after],
         )
         .await?;

@@ -289,13 +289,16 @@ const CAP_LOCK_CLASS: i32 = 0x6c66;
 pub async fn claim_pending(tx: &impl GenericClient, to: &str, limit: i64) -> anyhow::Result<Claimed> {
     let rows = tx
         .query(
-            "SELECT d.id, d.lead_id, c.send_window, l.timezone, now()
+            &tx.prepare_cached(
+                "SELECT d.id, d.lead_id, c.send_window, l.timezone, now()
              FROM deliveries d
              JOIN campaigns c ON c.id = d.campaign_id
              JOIN leads l ON l.id = d.lead_id
              WHERE d.state = 'pending' AND d.due_at <= now()
              ORDER BY d.due_at, d.id LIMIT $1
              FOR UPDATE OF d SKIP LOCKED",
+            )
+            .await?,
             &[&limit],
         )
         .await?;
@@ -366,18 +369,24 @@ pub async fn claim_pending(tx: &impl GenericClient, to: &str, limit: i64) -> any
         let until: Vec<DateTime<Utc>> = plan.defer.iter().map(|d| d.until).collect();
         let reasons: Vec<&str> = plan.defer.iter().map(|d| d.why.reason()).collect();
         tx.execute(
-            "UPDATE deliveries d SET due_at = u.until, reason = u.reason, updated_at = now()
+            &tx.prepare_cached(
+                "UPDATE deliveries d SET due_at = u.until, reason = u.reason, updated_at = now()
              FROM unnest($1::bigint[], $2::timestamptz[], $3::text[]) AS u (id, until, reason)
              WHERE d.id = u.id",
+            )
+            .await?,
             &[&ids, &until, &reasons],
         )
         .await?;
     }
     if !plan.release.is_empty() {
         tx.execute(
-            "UPDATE deliveries SET state = $2, updated_at = now(),
+            &tx.prepare_cached(
+                "UPDATE deliveries SET state = $2, updated_at = now(),
                     reason = CASE WHEN reason LIKE 'deferred: %' THEN NULL ELSE reason END
              WHERE id = ANY ($1)",
+            )
+            .await?,
             &[&plan.release, &to],
         )
         .await?;

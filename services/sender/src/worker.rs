@@ -327,10 +327,14 @@ async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>)
     let (ids, attempts): (Vec<i64>, Vec<i32>) = marks.iter().copied().unzip();
     let marked: HashSet<i64> = client
         .query(
-            "UPDATE deliveries d SET smtp_started_at = now(), updated_at = now()
+            &client
+                .prepare_cached(
+                    "UPDATE deliveries d SET smtp_started_at = now(), updated_at = now()
                FROM unnest($1::bigint[], $2::int[]) AS m(id, attempts)
               WHERE d.id = m.id AND d.attempts = m.attempts AND d.state = 'sending' AND d.smtp_started_at IS NULL
              RETURNING d.id",
+                )
+                .await?,
             &[&ids, &attempts],
         )
         .await?
@@ -398,7 +402,8 @@ async fn record_sent_all(
     // Locked in id order (two commits never wait on each other in a cycle), read as they were.
     let was: HashMap<i64, String> = tx
         .query(
-            "SELECT id, state FROM deliveries WHERE id = ANY ($1) ORDER BY id FOR UPDATE",
+            &tx.prepare_cached("SELECT id, state FROM deliveries WHERE id = ANY ($1) ORDER BY id FOR UPDATE")
+                .await?,
             &[&ids],
         )
         .await?
@@ -407,7 +412,7 @@ async fn record_sent_all(
         .collect();
     let updated: HashSet<i64> = tx
         .query(
-            &format!(
+            &tx.prepare_cached(&format!(
                 "UPDATE deliveries d
                     SET state = 'sent', message_id = r.message_id, sent_at = r.sent_at, reason = NULL,
                         updated_at = now()
@@ -415,7 +420,8 @@ async fn record_sent_all(
                         AS r(id, attempts, message_id, sent_at)
                   WHERE d.id = r.id AND d.attempts = r.attempts AND d.{OWNED}
                  RETURNING d.id"
-            ),
+            ))
+            .await?,
             &[&ids, &attempts, &message_ids, &sent_at],
         )
         .await?
@@ -681,7 +687,9 @@ async fn claim_all(ctx: &Context, ids: &[i64]) -> anyhow::Result<Vec<(i64, Claim
     let client = ctx.pool.get().await.context("failed to get a database connection")?;
     let rows = client
         .query(
-            "WITH target AS (
+            &client
+                .prepare_cached(
+                    "WITH target AS (
                  SELECT d.id, d.state, d.enrollment_id, e.status AS enrollment_status,
                         e.reason AS enrollment_reason, cp.bcc,
                         coalesce(l.suppressed_reason,
@@ -720,6 +728,8 @@ async fn claim_all(ctx: &Context, ids: &[i64]) -> anyhow::Result<Vec<(i64, Claim
                LEFT JOIN claimed c ON c.id = t.id
                LEFT JOIN cancelled x ON x.id = t.id
                LEFT JOIN rendered_messages r ON r.delivery_id = c.id",
+                )
+                .await?,
             &[&ids],
         )
         .await
