@@ -28,10 +28,10 @@ pub struct Handled {
 /// order so two schedulers handling overlapping batches lock in the same order; an event already handled is
 /// skipped. A failure rolls the whole batch back: the message is tried again and nothing is half-applied.
 ///
-/// The events are claimed (locked and marked handled) in one statement. Runs of enrolling events about distinct
-/// leads are enrolled together, a few statements for the whole run ([`enroll_run`]); any other event (a purchase,
-/// an opt-out) first finishes the run before it, then is handled alone, so each event still sees what the events
-/// before it did.
+/// The events are claimed (locked and marked handled) in one statement. Runs of events about distinct leads are
+/// enrolled together, a few statements for the whole run ([`enroll_run`]), then scored in order; an event that
+/// ends sequences (a purchase, an opt-out) first finishes the run before it, then is handled alone, so each event
+/// still sees what the events before it did.
 pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Handled> {
     let mut total = Handled::default();
     let mut client = pool.get().await?;
@@ -46,11 +46,12 @@ pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Han
     let mut variants = Variants::default();
     let mut run: Vec<Claimed> = Vec::new();
     for event in events {
-        let enrolls = event.event_type.lead_source().is_some();
-        if !enrolls || run.iter().any(|e| e.lead_id == event.lead_id) {
+        let ends = ends_sequences(&event.event_type);
+        if ends || run.iter().any(|e| e.lead_id == event.lead_id) {
             total.add(&finish_run(&tx, &scoring, &mut run, &mut delays, &mut variants).await?);
         }
-        if enrolls {
+        if !ends {
+            // Enrolling events, and events that only count for scoring (engagement, lead.captured, ...).
             run.push(event);
             continue;
         }
@@ -70,6 +71,18 @@ impl Handled {
         self.conversions += other.conversions;
         self.skipped += other.skipped;
     }
+}
+
+/// Whether the event ends sequences (a purchase, an opt-out): it is handled alone, after the events before it.
+fn ends_sequences(event_type: &EventType) -> bool {
+    matches!(
+        event_type,
+        EventType::OrderCompleted
+            | EventType::LeadUnsubscribed
+            | EventType::LeadSuspended
+            | EventType::EmailBounced
+            | EventType::EmailComplained
+    )
 }
 
 /// An event claimed for handling.
@@ -114,7 +127,7 @@ async fn claim_events(tx: &impl GenericClient, ids: &[i64]) -> anyhow::Result<Ve
     Ok(events)
 }
 
-/// Enrolls the run of enrolling events, then scores each of them, and empties the run.
+/// Enrolls the leads of the run's enrolling events, then scores each event of the run, and empties the run.
 async fn finish_run(
     tx: &impl GenericClient,
     scoring: &scoring::EventScoring,
@@ -136,7 +149,7 @@ async fn finish_run(
     Ok(h)
 }
 
-/// Handles an event that does not enroll: a purchase ends sequences and is attributed, an opt-out suppresses.
+/// Handles an event that ends sequences: a purchase ends them and is attributed, an opt-out suppresses.
 async fn handle_event(tx: &impl GenericClient, event: &Claimed) -> anyhow::Result<Handled> {
     let mut h = Handled::default();
     let (lead_id, data) = (event.lead_id, &event.data);
@@ -204,7 +217,7 @@ struct Variants(HashMap<i64, Vec<(String, i32)>>);
 
 impl Variants {
     async fn of(&mut self, tx: &impl GenericClient, campaign_id: i64) -> anyhow::Result<&[(String, i32)]> {
-        if !self.0.contains_key(&campaign_id) {
+        if let std::collections::hash_map::Entry::Vacant(slot) = self.0.entry(campaign_id) {
             let variants: Vec<(String, i32)> = tx
                 .query(
                     &tx.prepare_cached(
@@ -217,7 +230,7 @@ impl Variants {
                 .iter()
                 .map(|r| (r.get(0), r.get(1)))
                 .collect();
-            self.0.insert(campaign_id, variants);
+            slot.insert(variants);
         }
         Ok(self.0.get(&campaign_id).map(Vec::as_slice).unwrap_or_default())
     }
@@ -272,7 +285,7 @@ impl Subject {
     }
 }
 
-/// Enrolls the lead of each event of `run` (enrolling events about distinct leads, in id order) in every active
+/// Enrolls the lead of each enrolling event of `run` (events about distinct leads, in id order) in every active
 /// campaign whose targeting matches (lead source, products, languages, audience, countries) and that the address
 /// is not suppressed for, once per lead x campaign x subject, creating one delivery row per step. Step 1 is due
 /// after its delay (at least the lead source's minimum delay); each later step after the previous one's due time.
@@ -301,6 +314,9 @@ async fn enroll_run(
         sources.push(source.as_str());
         skus.push(subject.product_sku.clone());
         subjects.insert(event.id, (event, source, subject));
+    }
+    if event_ids.is_empty() {
+        return Ok(0);
     }
     let matches = tx
         .query(
