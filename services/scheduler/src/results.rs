@@ -10,17 +10,24 @@ use leadflow_shared::service::Context;
 
 use crate::stats::{campaign_stats, StepStats};
 
-/// How often the gauges are recomputed.
+/// How often the gauges are recomputed, at most.
 const REFRESH: Duration = Duration::from_secs(15);
+
+/// The pause after a refresh is at least this many times as long as the refresh took: the queries read every
+/// enrollment, delivery and conversion, so on a large history the gauges are refreshed less often rather than
+/// taking more than a twentieth of the database's time.
+const PAUSE_PER_REFRESH_TIME: u32 = 20;
 
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     loop {
+        let started = tokio::time::Instant::now();
         if let Err(e) = refresh(&ctx).await {
             tracing::warn!(error = format!("{e:#}"), "failed to refresh campaign result metrics");
         }
+        let pause = REFRESH.max(started.elapsed() * PAUSE_PER_REFRESH_TIME);
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
-            _ = tokio::time::sleep(REFRESH) => {}
+            _ = tokio::time::sleep(pause) => {}
         }
     }
 }

@@ -435,14 +435,21 @@ async fn record_sent_all(
             .filter_map(|r| EmailAddress::parse(&r.address).ok())
             .map(|email| suppression::email_hash(&email))
             .collect();
-        tx.execute("DELETE FROM soft_bounces WHERE email_hash = ANY ($1)", &[&hashes])
-            .await?;
+        tx.execute(
+            &tx.prepare_cached("DELETE FROM soft_bounces WHERE email_hash = ANY ($1)")
+                .await?,
+            &[&hashes],
+        )
+        .await?;
         let updated_ids: Vec<i64> = updated.iter().copied().collect();
         // Only campaigns with a notification URL hear of each email: one look for the batch, not one per email.
         let notified: Vec<i64> = tx
             .query(
-                "SELECT d.id FROM deliveries d JOIN campaigns c ON c.id = d.campaign_id
-                  WHERE d.id = ANY ($1) AND c.notify_url IS NOT NULL ORDER BY d.id",
+                &tx.prepare_cached(
+                    "SELECT d.id FROM deliveries d JOIN campaigns c ON c.id = d.campaign_id
+                      WHERE d.id = ANY ($1) AND c.notify_url IS NOT NULL ORDER BY d.id",
+                )
+                .await?,
                 &[&updated_ids],
             )
             .await?
