@@ -434,3 +434,18 @@ fn text_at(data: &Value, keys: &[&str]) -> Option<String> {
         .find(|s| !s.is_empty())
         .map(str::to_string)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rounds_hold_each_key_once_and_keep_each_keys_order() {
+        let items = [("a", 1), ("b", 2), ("a", 3), ("c", 4), ("a", 5), ("b", 6)];
+        let split = rounds(&items, |(k, _)| *k);
+        let values: Vec<Vec<i32>> = split.iter().map(|r| r.iter().map(|(_, v)| *v).collect()).collect();
+        assert_eq!(values, vec![vec![1, 2, 4], vec![3, 6], vec![5]]);
+        let none: [(&str, i32); 0] = [];
+        assert!(rounds(&none, |(k, _)| *k).is_empty());
+    }
+}

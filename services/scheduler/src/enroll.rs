@@ -1,6 +1,7 @@
 //! Acting on accepted events: enroll in matching campaigns, end sequences on conversion or opt-out, attribute
 //! revenue. Each event is handled once (its `handled_at`), in one transaction.
 
+use std::collections::hash_map::Entry;
 use std::collections::HashMap;
 
 use deadpool_postgres::{GenericClient, Pool};
@@ -42,13 +43,12 @@ pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Han
     let tx = client.transaction().await?;
     let events = claim_events(&tx, &ids).await?;
     total.skipped = ids.len() - events.len();
-    let mut delays = MinDelays::default();
-    let mut variants = Variants::default();
+    let mut lookups = Lookups::default();
     let mut run: Vec<Claimed> = Vec::new();
     for event in events {
         let ends = ends_sequences(&event.event_type);
         if ends || run.iter().any(|e| e.lead_id == event.lead_id) {
-            total.add(&finish_run(&tx, &scoring, &mut run, &mut delays, &mut variants).await?);
+            total.add(&finish_run(&tx, &scoring, &mut run, &mut lookups).await?);
         }
         if !ends {
             // Enrolling events, and events that only count for scoring (engagement, lead.captured, ...).
@@ -59,7 +59,7 @@ pub async fn handle_events(pool: &Pool, event_ids: &[i64]) -> anyhow::Result<Han
         scoring.apply_event(&tx, event.id, chrono::Utc::now()).await?;
         metrics::event_handled(&event.event_type);
     }
-    total.add(&finish_run(&tx, &scoring, &mut run, &mut delays, &mut variants).await?);
+    total.add(&finish_run(&tx, &scoring, &mut run, &mut lookups).await?);
     tx.commit().await?;
     Ok(total)
 }
@@ -132,14 +132,13 @@ async fn finish_run(
     tx: &impl GenericClient,
     scoring: &scoring::EventScoring,
     run: &mut Vec<Claimed>,
-    delays: &mut MinDelays,
-    variants: &mut Variants,
+    lookups: &mut Lookups,
 ) -> anyhow::Result<Handled> {
     if run.is_empty() {
         return Ok(Handled::default());
     }
     let h = Handled {
-        enrollments: enroll_run(tx, run, delays, variants).await?,
+        enrollments: enroll_run(tx, run, lookups).await?,
         ..Handled::default()
     };
     for event in run.drain(..) {
@@ -196,28 +195,26 @@ async fn handle_event(tx: &impl GenericClient, event: &Claimed) -> anyhow::Resul
     Ok(h)
 }
 
-/// The minimum delay of each lead source, read once per batch.
+/// What enrollment reads about the configuration, once per batch: the minimum delay of each lead source and the
+/// A/B variants (name, weight) of each campaign.
 #[derive(Default)]
-struct MinDelays(HashMap<LeadSource, f64>);
+struct Lookups {
+    min_delays: HashMap<LeadSource, f64>,
+    variants: HashMap<i64, Vec<(String, i32)>>,
+}
 
-impl MinDelays {
-    async fn of(&mut self, tx: &impl GenericClient, source: LeadSource) -> anyhow::Result<f64> {
-        if let Some(seconds) = self.0.get(&source) {
+impl Lookups {
+    async fn min_delay(&mut self, tx: &impl GenericClient, source: LeadSource) -> anyhow::Result<f64> {
+        if let Some(seconds) = self.min_delays.get(&source) {
             return Ok(*seconds);
         }
         let seconds = settings::min_delay(tx, source).await?.as_secs_f64();
-        self.0.insert(source, seconds);
+        self.min_delays.insert(source, seconds);
         Ok(seconds)
     }
-}
 
-/// The A/B variants (name, weight) of each campaign, read once per batch.
-#[derive(Default)]
-struct Variants(HashMap<i64, Vec<(String, i32)>>);
-
-impl Variants {
-    async fn of(&mut self, tx: &impl GenericClient, campaign_id: i64) -> anyhow::Result<&[(String, i32)]> {
-        if let std::collections::hash_map::Entry::Vacant(slot) = self.0.entry(campaign_id) {
+    async fn variants(&mut self, tx: &impl GenericClient, campaign_id: i64) -> anyhow::Result<&[(String, i32)]> {
+        if let Entry::Vacant(slot) = self.variants.entry(campaign_id) {
             let variants: Vec<(String, i32)> = tx
                 .query(
                     &tx.prepare_cached(
@@ -232,7 +229,7 @@ impl Variants {
                 .collect();
             slot.insert(variants);
         }
-        Ok(self.0.get(&campaign_id).map(Vec::as_slice).unwrap_or_default())
+        Ok(self.variants.get(&campaign_id).map(Vec::as_slice).unwrap_or_default())
     }
 }
 
@@ -293,12 +290,7 @@ impl Subject {
 ///
 /// The whole run costs one statement to match campaigns, one to insert the enrollments and one for their
 /// deliveries; only audiences, variants and notifications are looked up per enrollment or campaign.
-async fn enroll_run(
-    tx: &impl GenericClient,
-    run: &[Claimed],
-    delays: &mut MinDelays,
-    variants: &mut Variants,
-) -> anyhow::Result<usize> {
+async fn enroll_run(tx: &impl GenericClient, run: &[Claimed], lookups: &mut Lookups) -> anyhow::Result<usize> {
     let mut event_ids = Vec::with_capacity(run.len());
     let mut lead_ids = Vec::with_capacity(run.len());
     let mut sources = Vec::with_capacity(run.len());
@@ -377,7 +369,7 @@ async fn enroll_run(
         } else if let Some(w) = winner {
             Some(w)
         } else {
-            pick_variant(lead_id, campaign_id, variants.of(tx, campaign_id).await?)
+            pick_variant(lead_id, campaign_id, lookups.variants(tx, campaign_id).await?)
         };
         planned.push(Planned {
             event_id,
@@ -386,7 +378,7 @@ async fn enroll_run(
             variant,
             holdout,
             notifies,
-            min_delay: delays.of(tx, *source).await?,
+            min_delay: lookups.min_delay(tx, *source).await?,
         });
     }
     if planned.is_empty() {
