@@ -2,8 +2,8 @@
 //!
 //! Every message ready at once is taken together and their events handled in few transactions (about
 //! [`EVENTS_PER_TRANSACTION`] events each, in id order): one commit for many events instead of one per event.
-//! The events of such a group are split by lead into [`LANES`] lanes handled at once, each lane in its own
-//! transaction on its own connection: one lead's events stay in one lane, in id order, and lanes share no lead,
+//! A large group is split by lead into up to [`LANES`] lanes (at least [`MIN_PER_LANE`] events each) handled at
+//! once, each lane in its own transaction on its own connection: one lead's events stay in one lane, in id order, and lanes share no lead,
 //! so they never wait on each other's locks. When a group fails, each of its messages is tried alone, so only a
 //! message that fails by itself is put back (lanes that committed are skipped when it comes back: their events
 //! are marked handled).
