@@ -48,6 +48,11 @@ pub const MIGRATIONS: &[(i32, &str, &str)] = &[
         "statement_triggers",
         include_str!("../migrations/0017_statement_triggers.sql"),
     ),
+    (
+        18,
+        "deliveries_fillfactor",
+        include_str!("../migrations/0018_deliveries_fillfactor.sql"),
+    ),
 ];
 
 /// Key of the advisory lock that serialises concurrent `leadflow migrate` runs.

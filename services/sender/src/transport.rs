@@ -5,7 +5,8 @@
 //! message), so the caller learns the phase a failure happened in: before the server answered DATA with 354
 //! nothing was handed over and a retry is safe; once the message data is on its way and the final reply does
 //! not arrive, the server may have accepted it and the attempt is [`Attempt::Uncertain`]. The caller's `start`
-//! hook runs between the 354 and the first byte of data (the sender commits `smtp_started_at` there).
+//! hook runs while MAIL, RCPT and DATA go out, and the first byte of data waits for both the 354 and the hook (the
+//! sender commits `smtp_started_at` there: its WAL flush overlaps the round trips instead of adding to them).
 //!
 //! Connections: TCP_NODELAY set, up to `LEADFLOW_SENDER_CONCURRENCY` in use at once, idle ones kept for the next
 //! message. A connection that failed in any way (I/O, timeout, protocol, 421) is closed and never reused; a kept
@@ -295,9 +296,10 @@ impl Transport {
         }
     }
 
-    /// Sends one message. `start` runs once, right before the message data goes out (after the server accepted
-    /// DATA, or before the outbox file is written); `Ok(false)` or an error abandons the attempt with nothing
-    /// sent. An error of `start` is the error; every SMTP outcome is an [`Attempt`].
+    /// Sends one message. `start` runs once before the message data goes out (once a connection is open,
+    /// alongside MAIL, RCPT and DATA; or before the outbox file is written); `Ok(false)` or an error abandons the attempt with
+    /// nothing sent. An error of `start` is the error, unless the server refused the envelope first (then the
+    /// refusal is the outcome); every SMTP outcome is an [`Attempt`].
     pub async fn send<F>(&self, message: &Message, start: F) -> anyhow::Result<Attempt>
     where
         F: std::future::Future<Output = anyhow::Result<bool>>,
@@ -442,33 +444,95 @@ impl SmtpRelay {
             .context("the SMTP connection slots were closed")?;
         let envelope = message.envelope().clone();
         let data = message.formatted();
-        let mut start = Some(start);
+        let first = match self.take_idle() {
+            Some(conn) => (conn, true),
+            None => match self.connect().await {
+                Ok(conn) => (conn, false),
+                Err(reason) => return Ok(Attempt::NotSent(reason)),
+            },
+        };
+        // With a connection in hand, the start mark's commit runs while the envelope goes out: the data waits for
+        // both the 354 and the mark, and the mark's flush is not added to the round trips of MAIL, RCPT and DATA.
+        let (opened, go) = tokio::join!(self.open(first, &envelope, &data), start);
+        let mut conn = match opened {
+            Ok(conn) => conn,
+            Err(attempt) => return Ok(attempt),
+        };
+        match go {
+            Ok(true) => {}
+            Ok(false) => {
+                discard(conn, Discard::Abandoned);
+                return Ok(Attempt::Abandoned);
+            }
+            Err(e) => {
+                discard(conn, Discard::Abandoned);
+                return Err(e);
+            }
+        }
+        // The server said 354 and the mark is committed: from the first byte of data on, it may get the message.
+        let sent = tokio::time::timeout(self.timeout, conn.message(&data)).await;
+        Ok(match sent {
+            Ok(Ok(response)) => {
+                self.keep(conn);
+                Attempt::Accepted(Reply::from_response(&response))
+            }
+            Ok(Err(e)) => match Reply::from_error(&e) {
+                Some(reply) => {
+                    if reply.code == 421 {
+                        discard(conn, Discard::Closing);
+                    } else {
+                        self.keep(conn);
+                    }
+                    Attempt::Refused(reply)
+                }
+                None => {
+                    discard(conn, Discard::Failed);
+                    Attempt::Uncertain(format!(
+                        "the connection failed after the message data went out: {}",
+                        one_line(&e.to_string())
+                    ))
+                }
+            },
+            Err(_) => {
+                discard(conn, Discard::Failed);
+                Attempt::Uncertain(format!("no reply to the message data within {:?}", self.timeout))
+            }
+        })
+    }
+
+    /// `first` (a kept connection, or a new one) with MAIL, RCPT and DATA accepted, ready for the message data;
+    /// or the outcome of an attempt that ended before anything was handed over.
+    async fn open(
+        &self,
+        first: (AsyncSmtpConnection, bool),
+        envelope: &Envelope,
+        data: &[u8],
+    ) -> Result<AsyncSmtpConnection, Attempt> {
         // A kept connection the server closed while idle fails at MAIL, before anything was handed over: that
         // one failure is retried once on a new connection.
-        let mut fresh_only = false;
+        let mut next = Some(first);
         loop {
-            let (mut conn, reused) = match (!fresh_only).then(|| self.take_idle()).flatten() {
-                Some(conn) => (conn, true),
+            let (mut conn, reused) = match next.take() {
+                Some(first) => first,
                 None => match self.connect().await {
                     Ok(conn) => (conn, false),
-                    Err(reason) => return Ok(Attempt::NotSent(reason)),
+                    Err(reason) => return Err(Attempt::NotSent(reason)),
                 },
             };
-            let mail = match mail_command(&conn, &envelope, &data) {
+            let mail = match mail_command(&conn, envelope, data) {
                 Ok(mail) => mail,
                 Err(reason) => {
                     self.keep(conn);
-                    return Ok(Attempt::NotSent(reason));
+                    return Err(Attempt::NotSent(reason));
                 }
             };
             match self.step(&mut conn, mail).await {
                 Ok(_) => {}
                 Err(e) if reused && (e.reply.is_none() || e.reply.as_ref().is_some_and(|r| r.code == 421)) => {
                     discard(conn, Discard::Failed);
-                    fresh_only = true;
                     continue;
                 }
-                Err(e) => return Ok(self.before_data(conn, e).await),
+                Err(e) => return Err(self.before_data(conn, e).await),
             }
             for (i, to) in envelope.to().iter().enumerate() {
                 match self.step(&mut conn, Rcpt::new(to.clone(), vec![])).await {
@@ -480,56 +544,13 @@ impl SmtpRelay {
                             "the BCC recipient was refused; sending to the lead only"
                         );
                     }
-                    Err(e) => return Ok(self.before_data(conn, e).await),
+                    Err(e) => return Err(self.before_data(conn, e).await),
                 }
             }
             if let Err(e) = self.step(&mut conn, Data).await {
-                return Ok(self.before_data(conn, e).await);
+                return Err(self.before_data(conn, e).await);
             }
-            // The server said 354: from the first byte of data on, it may get the message.
-            let go = match start.take() {
-                Some(start) => start.await,
-                None => Ok(false),
-            };
-            match go {
-                Ok(true) => {}
-                Ok(false) => {
-                    discard(conn, Discard::Abandoned);
-                    return Ok(Attempt::Abandoned);
-                }
-                Err(e) => {
-                    discard(conn, Discard::Abandoned);
-                    return Err(e);
-                }
-            }
-            let sent = tokio::time::timeout(self.timeout, conn.message(&data)).await;
-            return Ok(match sent {
-                Ok(Ok(response)) => {
-                    self.keep(conn);
-                    Attempt::Accepted(Reply::from_response(&response))
-                }
-                Ok(Err(e)) => match Reply::from_error(&e) {
-                    Some(reply) => {
-                        if reply.code == 421 {
-                            discard(conn, Discard::Closing);
-                        } else {
-                            self.keep(conn);
-                        }
-                        Attempt::Refused(reply)
-                    }
-                    None => {
-                        discard(conn, Discard::Failed);
-                        Attempt::Uncertain(format!(
-                            "the connection failed after the message data went out: {}",
-                            one_line(&e.to_string())
-                        ))
-                    }
-                },
-                Err(_) => {
-                    discard(conn, Discard::Failed);
-                    Attempt::Uncertain(format!("no reply to the message data within {:?}", self.timeout))
-                }
-            });
+            return Ok(conn);
         }
     }
 
@@ -971,6 +992,37 @@ mod tests {
             Attempt::Accepted(_)
         ));
         assert_eq!(connections.load(Ordering::SeqCst), 2);
+    }
+
+    #[tokio::test]
+    async fn the_start_hook_runs_beside_the_envelope_and_a_refusal_of_the_envelope_is_the_outcome() {
+        let (port, _) = scripted_server(vec![
+            (vec!["250 ok", "550 5.1.1 no such user"], AfterData::Reply("250 ok")),
+            (vec!["250 ok", "250 ok"], AfterData::Reply("250 ok")),
+        ])
+        .await;
+        let transport = relay_to(port, Duration::from_secs(5)).await;
+        // The server refused RCPT while the hook was failing: nothing was handed over, the refusal is the outcome.
+        assert_eq!(
+            transport
+                .send(&message(1), async { Err(anyhow::anyhow!("database away")) })
+                .await
+                .unwrap(),
+            Attempt::Refused(reply(550, "5.1.1 no such user"))
+        );
+        // A hook slower than the envelope's round trips still comes first: the data waits for it.
+        let done = Arc::new(AtomicUsize::new(0));
+        let hook_done = done.clone();
+        let hook = async move {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            hook_done.store(1, Ordering::SeqCst);
+            Ok(true)
+        };
+        assert!(matches!(
+            transport.send(&message(2), hook).await.unwrap(),
+            Attempt::Accepted(_)
+        ));
+        assert_eq!(done.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]

@@ -4,9 +4,9 @@
 //!    `smtp_started_at` cleared), after checking the enrollment and the suppression list (global, or for the
 //!    delivery's campaign). A redelivered message finds the rows no longer `rendered` and does nothing.
 //! 2. MAIL and RCPT; DATA. A failure up to here handed nothing over: it is retried, bounced or failed by its reply.
-//! 3. Once the server answered DATA with 354, `smtp_started_at = now()` is committed (only while this attempt
-//!    still owns the row), then the data goes out. From here a lost connection or a missing final reply makes
-//!    the delivery `uncertain` at once: counted, never resent.
+//! 3. While those commands go out, `smtp_started_at = now()` is committed (only while this attempt still owns the
+//!    row); the data goes out once the server answered DATA with 354 and the mark is committed. From here a lost
+//!    connection or a missing final reply makes the delivery `uncertain` at once: counted, never resent.
 //! 4. The final reply is recorded: `sent` (with the Message-ID and the time of the 250) after 2xx, otherwise by
 //!    its class.
 //!
@@ -16,7 +16,9 @@
 //! batch instead of one per email.
 //!
 //! A sender that dies leaves the row `sending`; the scheduler's lease expiry reclaims it when `smtp_started_at` is
-//! empty (nothing was handed over) and makes it `uncertain` otherwise. Every outcome is written only by the attempt
+//! empty (nothing was handed over) and makes it `uncertain` otherwise. (A sender that dies between the mark and
+//! the 354 leaves an `uncertain` row that was never handed over: at most one per connection, the price of not
+//! adding the mark's WAL flush to the round trips of every email.) Every outcome is written only by the attempt
 //! that claimed the row (`attempts` is the fence), so a reclaimed row is never recorded twice.
 
 use std::collections::{HashMap, HashSet};
@@ -149,7 +151,8 @@ async fn handle(ctx: &Context, sending: &Sending, delivery: Delivery) -> (Delive
     (delivery, outcome)
 }
 
-/// Claims, sends and records every delivery of `ids`, up to `sender.concurrency` at once.
+/// Claims, sends and records every delivery of `ids`: all of them under way at once, the transport allowing
+/// `sender.concurrency` SMTP transactions at a time (a delivery waiting for its `sent` record holds no connection).
 ///
 /// Returns once every delivery is recorded. A database failure on any of them is the error (the message is tried
 /// again: what was recorded stays recorded, and what was claimed is never claimed twice).
@@ -161,7 +164,7 @@ pub async fn send_batch(ctx: &Context, sending: &Sending, ids: &[i64]) -> anyhow
     let claims = claim_all(ctx, ids).await?;
     let results: Vec<(i64, anyhow::Result<Fate>)> = stream::iter(claims)
         .map(|(id, claim)| async move { (id, send_one(ctx, sending, id, claim).await) })
-        .buffer_unordered(ctx.config.sender.concurrency.max(1))
+        .buffer_unordered(ids.len())
         .collect()
         .await;
 
@@ -308,7 +311,7 @@ async fn send_one(ctx: &Context, sending: &Sending, id: i64, claim: Claim) -> an
     }
 }
 
-/// Commits `smtp_started_at` right before the data goes out (with the other marks waiting at that moment); false
+/// Commits `smtp_started_at` before the data goes out (with the other marks waiting at that moment); false
 /// when this attempt no longer owns the row (the lease expired and the delivery was reclaimed): then nothing is
 /// sent.
 async fn mark_started(ctx: &Context, sending: &Sending, id: i64, attempts: i32) -> anyhow::Result<bool> {
@@ -321,7 +324,8 @@ async fn mark_started(ctx: &Context, sending: &Sending, id: i64, attempts: i32) 
 }
 
 /// One statement, one commit: marks every (delivery, attempt) still `sending` without a mark; true for each
-/// marked.
+/// marked. Only `smtp_started_at` changes (no indexed column, so PostgreSQL can update the row in place, without
+/// new index entries); the lease keeps counting from the claim.
 async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>) -> anyhow::Result<Vec<bool>> {
     let client = pool.get().await.context("failed to get a database connection")?;
     let (ids, attempts): (Vec<i64>, Vec<i32>) = marks.iter().copied().unzip();
@@ -329,7 +333,7 @@ async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>)
         .query(
             &client
                 .prepare_cached(
-                    "UPDATE deliveries d SET smtp_started_at = now(), updated_at = now()
+                    "UPDATE deliveries d SET smtp_started_at = now()
                FROM unnest($1::bigint[], $2::int[]) AS m(id, attempts)
               WHERE d.id = m.id AND d.attempts = m.attempts AND d.state = 'sending' AND d.smtp_started_at IS NULL
              RETURNING d.id",
