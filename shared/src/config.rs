@@ -289,6 +289,10 @@ pub struct AmqpConfig {
     /// events stored many per transaction: it bounds that batch (half of it, so the next batch arrives while one
     /// is stored).
     pub events_prefetch: u16,
+    /// `LEADFLOW_AMQP_EVENTS_CONSUMERS`: consumers of `<ns>.events` per ingest process, each on its own channel
+    /// and storing its own batches. More than one (like more than one ingest replica) stores events of separate
+    /// messages side by side, so their order across messages is not kept.
+    pub events_consumers: usize,
     /// `LEADFLOW_AMQP_QUEUE_TYPE`: `classic` or `quorum`.
     pub queue_type: QueueType,
     /// `LEADFLOW_AMQP_QUEUE_EXPIRES`: delete queues unused for this long (test installations only).
@@ -493,6 +497,7 @@ impl Config {
             namespace: src.string("LEADFLOW_NAMESPACE", "leadflow"),
             prefetch: src.parse("LEADFLOW_AMQP_PREFETCH", 64u16)?,
             events_prefetch: src.parse("LEADFLOW_AMQP_EVENTS_PREFETCH", 1024u16)?,
+            events_consumers: src.positive("LEADFLOW_AMQP_EVENTS_CONSUMERS", 1)?,
             queue_type: match src.string("LEADFLOW_AMQP_QUEUE_TYPE", "classic").as_str() {
                 "classic" => QueueType::Classic,
                 "quorum" => QueueType::Quorum,

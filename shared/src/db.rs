@@ -71,9 +71,27 @@ pub fn pool(config: &DatabaseConfig) -> anyhow::Result<Pool> {
     );
     Pool::builder(manager)
         .max_size(config.pool_size)
+        .post_create(deadpool_postgres::Hook::async_fn(|client, _| {
+            Box::pin(async move {
+                client
+                    .batch_execute(PER_CONNECTION)
+                    .await
+                    .map_err(deadpool_postgres::HookError::Backend)
+            })
+        }))
         .build()
         .context("failed to build the PostgreSQL pool")
 }
+
+/// Run on every new connection of a pool.
+///
+/// The hot statements are prepared once per connection (`prepare_cached`), and PostgreSQL would, after five
+/// executions, keep one generic plan for them. A plan made while a table is nearly empty (a new installation, a
+/// scratch database) scans it: a start mark planned on 20 deliveries still scanned all of them at 100,000, 24 ms
+/// instead of 0.2, until autovacuum's next ANALYZE of the table made PostgreSQL plan again. Each execution is
+/// therefore planned for the table as it is (parsing is still done once); planning these statements costs a
+/// fraction of a millisecond, once per batch.
+const PER_CONNECTION: &str = "SET plan_cache_mode = force_custom_plan";
 
 /// Applies every migration not yet applied, each in its own transaction; safe to run from several processes.
 pub async fn migrate(pool: &Pool) -> anyhow::Result<Vec<i32>> {

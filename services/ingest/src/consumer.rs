@@ -4,6 +4,10 @@
 //! handed to the scheduler in one message, then the messages are acked (one commit and one confirm for many
 //! messages, not one each). A message that is not a valid event goes to the dead-letter queue on its own. When
 //! the shared transaction fails, each message is stored alone, so only one that fails by itself is put back.
+//!
+//! One consumer stores its batches one after the other, in the order the broker delivered them. With
+//! `LEADFLOW_AMQP_EVENTS_CONSUMERS` above 1 (or several ingest replicas) batches are stored side by side: more
+//! events per second, but events of separate messages may be stored in either order.
 
 use lapin::message::Delivery;
 use serde_json::Value;
@@ -19,7 +23,28 @@ use crate::http::store_and_hand_off;
 use crate::identity;
 use crate::metrics;
 
+/// Runs `LEADFLOW_AMQP_EVENTS_CONSUMERS` consumers of `<ns>.events` until `shutdown`; the first to fail stops
+/// them all (the process exits and is restarted; unacked messages go back to the queue).
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let consumers = ctx.config.amqp.events_consumers.max(1);
+    let stop = shutdown.child_token();
+    let running = (0..consumers).map(|_| {
+        let (ctx, stop) = (ctx.clone(), stop.clone());
+        async move {
+            let result = consume(ctx, stop.clone()).await;
+            stop.cancel();
+            result
+        }
+    });
+    futures_util::future::join_all(running)
+        .await
+        .into_iter()
+        .collect::<anyhow::Result<Vec<()>>>()
+        .map(|_| ())
+}
+
+/// One consumer: batches of the messages ready at once, stored one after the other (their order is kept).
+async fn consume(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
     let handler_ctx = ctx.clone();
     // At most half the prefetch per transaction: the broker delivers the next batch while one is being stored.
     let prefetch = ctx.config.amqp.events_prefetch;
