@@ -3,6 +3,7 @@
 
 use serde_json::{json, Value};
 
+use leadflow_shared::topology::WorkQueue;
 use leadflow_tests::{event, wait_until, TestApp, DEADLINE};
 
 /// A checkout.abandoned event about checkout `checkout` (the base campaign enrolls it).
@@ -215,4 +216,40 @@ async fn events_of_one_batch_act_in_their_order() {
         );
     }
     app.stop().await;
+}
+
+#[tokio::test]
+async fn two_amqp_consumers_in_one_ingest_store_every_published_event_exactly_once() {
+    let app = TestApp::builder()
+        .env("LEADFLOW_AMQP_EVENTS_CONSUMERS", "2")
+        .spawn()
+        .await;
+    wait_until("two consumers on the events queue", DEADLINE, || async {
+        app.queue_state(WorkQueue::IngestEvents).await.1 == 2
+    })
+    .await;
+    let n = 60;
+    for i in 0..n {
+        let e = checkout(&format!("buyer{i}@example.com"), &format!("c-{i}"));
+        app.publish_event("checkout.abandoned", e.to_string().as_bytes()).await;
+    }
+    wait_until("every published event is stored and handled", DEADLINE, || async {
+        app.count("SELECT count(*) FROM events WHERE handled_at IS NOT NULL")
+            .await
+            == n
+    })
+    .await;
+    assert_eq!(
+        app.count("SELECT count(*) FROM events").await,
+        n,
+        "each event stored once"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM leads").await, n, "one lead per address");
+    assert_eq!(
+        app.count("SELECT count(DISTINCT lead_id) FROM enrollments").await,
+        n,
+        "every lead enrolled once"
+    );
+    assert_eq!(app.count("SELECT count(*) FROM enrollments").await, n);
+    assert!(app.dead_letters(WorkQueue::IngestEvents).await.is_empty());
 }

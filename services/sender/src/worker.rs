@@ -326,6 +326,10 @@ async fn mark_started(ctx: &Context, sending: &Sending, id: i64, attempts: i32) 
 /// One statement, one commit: marks every (delivery, attempt) still `sending` without a mark; true for each
 /// marked. Only `smtp_started_at` changes (no indexed column, so PostgreSQL can update the row in place, without
 /// new index entries); the lease keeps counting from the claim.
+///
+/// The rows are locked by id alone and filtered after: with `state = 'sending'` beside the ids, PostgreSQL may
+/// read them through the partial index of deliveries in flight whenever its statistics say that index is small,
+/// and then every mark reads the whole backlog (50,000 rendered deliveries: 37 ms a mark instead of 0.2).
 async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>) -> anyhow::Result<Vec<bool>> {
     let client = pool.get().await.context("failed to get a database connection")?;
     let (ids, attempts): (Vec<i64>, Vec<i32>) = marks.iter().copied().unzip();
@@ -333,9 +337,14 @@ async fn mark_started_all(pool: deadpool_postgres::Pool, marks: Vec<(i64, i32)>)
         .query(
             &client
                 .prepare_cached(
-                    "UPDATE deliveries d SET smtp_started_at = now()
-               FROM unnest($1::bigint[], $2::int[]) AS m(id, attempts)
-              WHERE d.id = m.id AND d.attempts = m.attempts AND d.state = 'sending' AND d.smtp_started_at IS NULL
+                    "WITH locked AS MATERIALIZED (
+                 SELECT id, attempts, state, smtp_started_at FROM deliveries
+                  WHERE id = ANY ($1) ORDER BY id FOR UPDATE
+             )
+             UPDATE deliveries d SET smtp_started_at = now()
+               FROM locked l JOIN unnest($1::bigint[], $2::int[]) AS m(id, attempts)
+                    ON m.id = l.id AND m.attempts = l.attempts
+              WHERE d.id = l.id AND l.state = 'sending' AND l.smtp_started_at IS NULL
              RETURNING d.id",
                 )
                 .await?,
