@@ -26,9 +26,8 @@ use crate::metrics;
 /// Runs `LEADFLOW_AMQP_EVENTS_CONSUMERS` consumers of `<ns>.events` until `shutdown`; the first to fail stops
 /// them all (the process exits and is restarted; unacked messages go back to the queue).
 pub async fn run(ctx: Context, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let consumers = ctx.config.amqp.events_consumers.max(1);
     let stop = shutdown.child_token();
-    let running = (0..consumers).map(|_| {
+    let running = (0..ctx.config.amqp.events_consumers).map(|_| {
         let (ctx, stop) = (ctx.clone(), stop.clone());
         async move {
             let result = consume(ctx, stop.clone()).await;

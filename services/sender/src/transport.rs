@@ -297,9 +297,9 @@ impl Transport {
     }
 
     /// Sends one message. `start` runs once before the message data goes out (once a connection is open,
-    /// alongside MAIL, RCPT and DATA; or before the outbox file is written); `Ok(false)` or an error abandons the attempt with
-    /// nothing sent. An error of `start` is the error, unless the server refused the envelope first (then the
-    /// refusal is the outcome); every SMTP outcome is an [`Attempt`].
+    /// alongside MAIL, RCPT and DATA; or before the outbox file is written); `Ok(false)` or an error abandons the
+    /// attempt with nothing sent. An error of `start` is the error, unless the server refused the envelope first
+    /// (then the refusal is the outcome); every SMTP outcome is an [`Attempt`].
     pub async fn send<F>(&self, message: &Message, start: F) -> anyhow::Result<Attempt>
     where
         F: std::future::Future<Output = anyhow::Result<bool>>,
